@@ -1,0 +1,1 @@
+"""Defenses against data-reconstruction attacks (not implemented yet; see the README status)."""

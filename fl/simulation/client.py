@@ -1,0 +1,185 @@
+"""One client's local step: the code path shared by the simulator and ``observe_client_step``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fl.simulation.hooks import ClientContext, ClientHooks
+from fl.simulation.normalization import normalize
+
+
+@dataclass
+class ClientResult:
+    """What a client produced in one round.
+
+    ``message`` is what is sent (after the defense's ``process_update``): the gradient per
+    parameter for FedSGD, the new parameters for FedAvg. ``used`` lists the positions (into the
+    client's images) of the examples it trained on, in order of first use; ``trained_images``
+    holds the transformed images for those positions when a defense changed them.
+    """
+
+    kind: str
+    message: dict[str, torch.Tensor]
+    buffers: dict[str, torch.Tensor]
+    num_examples: int
+    local_steps: int
+    loss: float
+    used: list[int]
+    trained_images: torch.Tensor | None
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's parameters that require a gradient, by name, in model order."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def model_loss(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    hooks: ClientHooks,
+    ctx: ClientContext,
+) -> torch.Tensor:
+    """Training loss of one local step: cross-entropy + the model's own extra term (e.g. the
+    PRECODE KL) + the defense's extra term."""
+    logits = model(inputs)
+    loss = F.cross_entropy(logits, labels)
+    extra_model = getattr(model, "extra_loss", None)
+    if callable(extra_model):
+        term = extra_model()
+        if term is not None:
+            loss = loss + term
+    term = hooks.extra_loss(model, inputs, labels, logits, ctx)
+    if term is not None:
+        loss = loss + term
+    return loss
+
+
+def _standard_gradients(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    hooks: ClientHooks,
+    ctx: ClientContext,
+) -> tuple[dict[str, torch.Tensor], float]:
+    params = trainable_parameters(model)
+    loss = model_loss(model, inputs, labels, hooks, ctx)
+    grads = torch.autograd.grad(loss, list(params.values()))
+    return dict(zip(params.keys(), grads, strict=True)), float(loss.detach())
+
+
+def _batches(
+    n: int, batch_size: int, steps: int, rng: np.random.Generator | None
+) -> list[np.ndarray]:
+    """Index batches for ``steps`` local steps over ``n`` examples (reshuffled each epoch when
+    ``rng`` is given, in order otherwise; the last batch of an epoch may be smaller)."""
+    out: list[np.ndarray] = []
+    while len(out) < steps:
+        order = rng.permutation(n) if rng is not None else np.arange(n)
+        for start in range(0, n, batch_size):
+            out.append(order[start : start + batch_size])
+            if len(out) == steps:
+                break
+    return out
+
+
+def steps_for(n: int, batch_size: int, local_epochs: int, local_steps: int | None) -> int:
+    """Number of local SGD steps a FedAvg client takes."""
+    if local_steps is not None:
+        return local_steps
+    return local_epochs * int(np.ceil(n / batch_size))
+
+
+def run_client(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    algorithm: str,
+    lr: float,
+    batch_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    hooks: ClientHooks,
+    ctx: ClientContext,
+    local_epochs: int = 1,
+    local_steps: int | None = None,
+    rng: np.random.Generator | None = None,
+) -> ClientResult:
+    """Run one client's local work on ``model`` (modified in place) and return its message.
+
+    ``images`` are the client's private images in [0, 1] (N, C, H, W) on the model's device.
+    FedSGD: the gradient of the first batch (of ``batch_size``, in ``rng`` order). FedAvg: plain
+    SGD steps ``W <- W - lr * g`` over mini-batches (see :func:`steps_for`).
+    """
+    model.train()
+    n = images.shape[0]
+    if n == 0:
+        raise ValueError(f"client {ctx.client} has no training examples")
+    params = trainable_parameters(model)
+    start = {k: p.detach().clone() for k, p in params.items()}
+    if algorithm == "fedsgd":
+        steps = 1
+    elif algorithm == "fedavg":
+        steps = steps_for(n, batch_size, local_epochs, local_steps)
+    else:
+        raise ValueError(f"unknown algorithm {algorithm!r}; expected 'fedsgd' or 'fedavg'")
+
+    used: list[int] = []
+    seen: set[int] = set()
+    transformed: dict[int, torch.Tensor] = {}
+    changed = False
+    losses: list[float] = []
+    grads: dict[str, torch.Tensor] = {}
+    for step, idx in enumerate(_batches(n, batch_size, steps, rng)):
+        ctx.step = step
+        index = torch.as_tensor(idx, device=images.device, dtype=torch.long)
+        x01, y = images[index], labels[index]
+        x_used = hooks.transform_batch(x01, y, model, ctx)
+        if x_used is not x01:
+            changed = True
+        for j, i in enumerate(idx.tolist()):
+            if i not in seen:
+                seen.add(i)
+                used.append(i)
+                transformed[i] = x_used[j].detach()
+        inputs = normalize(x_used, mean, std)
+        custom = hooks.compute_gradients(model, inputs, y, ctx)
+        if custom is None:
+            grads, loss = _standard_gradients(model, inputs, y, hooks, ctx)
+        else:
+            grads = custom
+            with torch.no_grad():
+                loss = float(F.cross_entropy(model(inputs), y))
+        losses.append(loss)
+        if algorithm == "fedavg":
+            with torch.no_grad():
+                plist = list(params.values())
+                torch._foreach_add_(plist, [grads[k] for k in params], alpha=-lr)
+
+    if algorithm == "fedsgd":
+        update = hooks.process_update(grads, ctx)
+        message = {k: update[k].detach() for k in params}
+    else:
+        with torch.no_grad():
+            delta = {k: p.detach() - start[k] for k, p in params.items()}
+        delta = hooks.process_update(delta, ctx)
+        message = {k: (start[k] + delta[k]).detach() for k in params}
+    buffers = {k: b.detach().clone() for k, b in model.named_buffers()}
+    trained = torch.stack([transformed[i] for i in used]).cpu() if changed else None
+    return ClientResult(
+        kind="gradient" if algorithm == "fedsgd" else "weights",
+        message=message,
+        buffers=buffers,
+        num_examples=len(used),
+        local_steps=steps,
+        loss=float(np.mean(losses)),
+        used=used,
+        trained_images=trained,
+    )

@@ -1,0 +1,71 @@
+"""Typed configuration of a federated run."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class PartitionConfig(BaseModel):
+    """How the training split is divided among clients (see :func:`fl.data.partition`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    scheme: Literal["iid", "dirichlet", "shards"] = "iid"
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (smaller = more skew).")
+    shards_per_client: int = Field(2, ge=1, description="Label shards (~classes) per client.")
+    max_per_client: int | None = Field(None, ge=1, description="Cap on examples per client.")
+
+
+class FederationConfig(BaseModel):
+    """One federated training run.
+
+    ``fedsgd``: each sampled client sends the gradient of one local batch of ``batch_size``;
+    the server applies ``lr * server_lr`` times the weighted mean gradient.
+    ``fedavg``: each sampled client runs plain SGD (no momentum) with ``lr`` for ``local_epochs``
+    epochs -- or exactly ``local_steps`` steps when that is set -- and sends its new weights; the
+    server moves the global weights by ``server_lr`` times the weighted mean update. Aggregation
+    weights are the clients' numbers of training examples. BatchNorm buffers are averaged with the
+    same weights.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    algorithm: Literal["fedsgd", "fedavg"] = "fedavg"
+    clients: int = Field(10, ge=1)
+    clients_per_round: int = Field(10, ge=1)
+    rounds: int = Field(5, ge=1)
+    local_epochs: int = Field(1, ge=1)
+    local_steps: int | None = Field(None, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(0.01, gt=0)
+    server_lr: float = Field(1.0, gt=0)
+    partition: PartitionConfig = Field(default_factory=PartitionConfig)
+    eval_batch_size: int = Field(512, ge=1)
+
+    @model_validator(mode="after")
+    def _check_sampling(self) -> FederationConfig:
+        if self.clients_per_round > self.clients:
+            raise ValueError(
+                f"clients_per_round ({self.clients_per_round}) cannot exceed clients "
+                f"({self.clients}); lower clients_per_round or raise clients"
+            )
+        return self
+
+
+class CaptureConfig(BaseModel):
+    """Which client steps the honest-but-curious server records for attacks.
+
+    ``rounds`` lists 0-based round indices; in each of them the first ``victims`` clients in
+    sampling order are captured. ``pairs`` adds explicit ``(round, client_id)`` pairs (captured
+    only if that client is sampled in that round). ``reveal_labels`` models an attacker who knows
+    the private labels; by default labels stay in the ground truth only.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    rounds: list[int] = Field(default_factory=list)
+    victims: int = Field(1, ge=0)
+    pairs: list[tuple[int, int]] = Field(default_factory=list)
+    reveal_labels: bool = False

@@ -1,0 +1,409 @@
+"""In-process federated simulation (FedSGD and FedAvg) with observation capture."""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from fl.simulation.client import ClientResult, run_client
+from fl.simulation.config import CaptureConfig, FederationConfig
+from fl.simulation.device import resolve_device
+from fl.simulation.evaluation import evaluate
+from fl.simulation.hooks import ClientContext, ClientHooks
+from fl.simulation.observation import GroundTruth, Observation
+
+
+@dataclass
+class RoundRecord:
+    """Metrics of one round: training loss over sampled clients and test metrics."""
+
+    round: int
+    clients: list[int]
+    train_loss: float
+    metrics: dict[str, float | None]
+    seconds: float
+
+
+@dataclass
+class RunResult:
+    """The outcome of a federated run."""
+
+    history: list[RoundRecord]
+    captures: list[tuple[Observation, GroundTruth]]
+    model: nn.Module
+    partition_sizes: list[int]
+    final_metrics: dict[str, float | None] = field(default_factory=dict)
+
+
+def _seed_int(*parts: int) -> int:
+    """A 63-bit seed derived deterministically from integers."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def _image_attr(data: object, name: str) -> object:
+    if not hasattr(data, name):
+        raise TypeError(f"dataset object {type(data).__name__} has no attribute {name!r}")
+    return getattr(data, name)
+
+
+class Simulator:
+    """Runs a federated training with clients simulated one after another in this process.
+
+    ``train`` and ``test`` are :class:`fl.data.ImageData` splits (or anything with ``images``
+    (uint8 N,C,H,W), ``labels``, ``float_images()``, ``mean``, ``std`` and ``info.num_classes``).
+    The run is deterministic for a seed on CPU: client sampling, the partition, batch order and
+    the hooks' generators derive from it. The model must be built (and seeded) by the caller.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train: object,
+        config: FederationConfig,
+        *,
+        test: object | None = None,
+        hooks: ClientHooks | None = None,
+        capture: CaptureConfig | None = None,
+        device: str | torch.device | None = "auto",
+        seed: int = 0,
+        partition: Sequence[np.ndarray] | None = None,
+        on_round: Callable[[RoundRecord], None] | None = None,
+    ) -> None:
+        from fl import data as fl_data
+
+        self.config = config
+        self.device = resolve_device(device)
+        self.hooks = hooks or ClientHooks()
+        self.capture = capture or CaptureConfig()
+        self.seed = seed
+        self.on_round = on_round
+        self.mean = tuple(float(v) for v in _image_attr(train, "mean"))  # type: ignore[arg-type]
+        self.std = tuple(float(v) for v in _image_attr(train, "std"))  # type: ignore[arg-type]
+        self.num_classes = int(train.info.num_classes)  # type: ignore[attr-defined]
+        labels = _image_attr(train, "labels")
+        assert isinstance(labels, torch.Tensor)
+        if partition is None:
+            p = config.partition
+            partition = fl_data.partition(
+                labels.numpy(),
+                config.clients,
+                scheme=p.scheme,
+                alpha=p.alpha,
+                shards_per_client=p.shards_per_client,
+                max_per_client=p.max_per_client,
+                seed=seed,
+            )
+        if len(partition) != config.clients:
+            raise ValueError(f"partition has {len(partition)} parts for {config.clients} clients")
+        self.partition = [np.asarray(part, dtype=np.int64) for part in partition]
+        self.train_images = train.float_images().to(self.device)  # type: ignore[attr-defined]
+        self.train_labels = labels.to(self.device)
+        self.test = test
+        if test is not None:
+            self.test_images = test.float_images()  # type: ignore[attr-defined]
+            self.test_labels = _image_attr(test, "labels")
+        self.global_model = self.hooks.prepare_model(model).to(self.device)
+        self.client_model = copy.deepcopy(self.global_model)
+        self.round = 0
+        self.history: list[RoundRecord] = []
+        self.captures: list[tuple[Observation, GroundTruth]] = []
+
+    # --- round mechanics -------------------------------------------------------------------
+    def sample_clients(self, rnd: int) -> list[int]:
+        """The clients sampled in round ``rnd`` (deterministic for the seed)."""
+        rng = np.random.default_rng(_seed_int(self.seed, 1, rnd))
+        chosen = rng.choice(self.config.clients, self.config.clients_per_round, replace=False)
+        return [int(c) for c in chosen]
+
+    def _captured(self, rnd: int, clients: list[int]) -> set[int]:
+        out: set[int] = set()
+        if rnd in self.capture.rounds:
+            out.update(clients[: self.capture.victims])
+        out.update(c for r, c in self.capture.pairs if r == rnd and c in clients)
+        return out
+
+    def _context(self, rnd: int, client: int) -> ClientContext:
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(_seed_int(self.seed, 3, rnd, client))
+        return ClientContext(
+            round=rnd,
+            rounds=self.config.rounds,
+            client=client,
+            lr=self.config.lr,
+            device=self.device,
+            generator=gen,
+            mean=self.mean,
+            std=self.std,
+            kind="gradient" if self.config.algorithm == "fedsgd" else "weights",
+        )
+
+    def _client_step(
+        self, rnd: int, client: int, global_state: dict[str, torch.Tensor]
+    ) -> tuple[ClientResult, torch.Tensor]:
+        cfg = self.config
+        self.client_model.load_state_dict(global_state)
+        idx = torch.as_tensor(self.partition[client], device=self.device)
+        rng = np.random.default_rng(_seed_int(self.seed, 2, rnd, client))
+        result = run_client(
+            self.client_model,
+            self.train_images[idx],
+            self.train_labels[idx],
+            algorithm=cfg.algorithm,
+            lr=cfg.lr,
+            batch_size=cfg.batch_size,
+            mean=self.mean,
+            std=self.std,
+            hooks=self.hooks,
+            ctx=self._context(rnd, client),
+            local_epochs=cfg.local_epochs,
+            local_steps=cfg.local_steps,
+            rng=rng,
+        )
+        return result, idx
+
+    @torch.no_grad()
+    def _aggregate(self, results: list[ClientResult]) -> None:
+        cfg = self.config
+        weights = torch.tensor([r.num_examples for r in results], dtype=torch.float64)
+        weights = (weights / weights.sum()).tolist()
+        params = dict(self.global_model.named_parameters())
+        for name, p in params.items():
+            if name not in results[0].message:
+                continue
+            mean_msg = sum(w * r.message[name] for w, r in zip(weights, results, strict=True))
+            if cfg.algorithm == "fedsgd":
+                p.sub_(mean_msg, alpha=cfg.lr * cfg.server_lr)
+            else:
+                p.add_(mean_msg - p, alpha=cfg.server_lr)
+        for name, b in self.global_model.named_buffers():
+            if name not in results[0].buffers:
+                continue
+            if b.is_floating_point():
+                b.copy_(sum(w * r.buffers[name] for w, r in zip(weights, results, strict=True)))
+            else:
+                b.copy_(max(r.buffers[name] for r in results))
+
+    def run_round(self) -> RoundRecord:
+        """Run the next round: sample, train clients, capture, aggregate, evaluate."""
+        rnd = self.round
+        t0 = time.perf_counter()
+        clients = self.sample_clients(rnd)
+        captured = self._captured(rnd, clients)
+        global_state = {k: v.detach().clone() for k, v in self.global_model.state_dict().items()}
+        results: list[ClientResult] = []
+        for client in clients:
+            result, idx = self._client_step(rnd, client, global_state)
+            results.append(result)
+            if client in captured:
+                self.captures.append(self._observe(rnd, client, result, idx, global_state))
+        self._aggregate(results)
+        weights = np.array([r.num_examples for r in results], dtype=np.float64)
+        train_loss = float(np.average([r.loss for r in results], weights=weights))
+        metrics: dict[str, float | None] = {}
+        if self.test is not None:
+            metrics = evaluate(
+                self.global_model,
+                self.test_images,
+                self.test_labels,
+                mean=self.mean,
+                std=self.std,
+                num_classes=self.num_classes,
+                batch_size=self.config.eval_batch_size,
+            )
+        record = RoundRecord(rnd, clients, train_loss, metrics, time.perf_counter() - t0)
+        self.history.append(record)
+        self.round += 1
+        if self.on_round is not None:
+            self.on_round(record)
+        return record
+
+    def _observe(
+        self,
+        rnd: int,
+        client: int,
+        result: ClientResult,
+        idx: torch.Tensor,
+        global_state: dict[str, torch.Tensor],
+    ) -> tuple[Observation, GroundTruth]:
+        used = idx[torch.as_tensor(result.used, device=idx.device)]
+        return build_observation(
+            self.global_model,
+            global_state,
+            result,
+            images=self.train_images[used],
+            labels=self.train_labels[used],
+            batch_size=self.config.batch_size,
+            lr=self.config.lr,
+            mean=self.mean,
+            std=self.std,
+            num_classes=self.num_classes,
+            reveal_labels=self.capture.reveal_labels,
+            rnd=rnd,
+            client=client,
+        )
+
+    def run(self) -> RunResult:
+        """Run all remaining rounds and return the history, captures and final model."""
+        while self.round < self.config.rounds:
+            self.run_round()
+        final = dict(self.history[-1].metrics) if self.history else {}
+        return RunResult(
+            history=self.history,
+            captures=self.captures,
+            model=self.global_model,
+            partition_sizes=[len(p) for p in self.partition],
+            final_metrics=final,
+        )
+
+
+def build_observation(
+    model: nn.Module,
+    global_state: dict[str, torch.Tensor],
+    result: ClientResult,
+    *,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int,
+    lr: float,
+    mean: Sequence[float],
+    std: Sequence[float],
+    num_classes: int,
+    reveal_labels: bool,
+    rnd: int,
+    client: int,
+) -> tuple[Observation, GroundTruth]:
+    """Split a client step into the server's :class:`Observation` and the :class:`GroundTruth`.
+
+    The observation's model is a fresh copy of the architecture with ``global_state`` loaded;
+    every tensor in it is a detached copy, so nothing the attack does can touch the run.
+    """
+    seen = copy.deepcopy(model)
+    seen.load_state_dict(global_state)
+    seen.train()
+    for p in seen.parameters():
+        p.requires_grad_(True)
+    obs = Observation(
+        model=seen,
+        global_state={k: v.detach().clone() for k, v in global_state.items()},
+        kind=result.kind,  # type: ignore[arg-type]
+        message={k: v.detach().clone() for k, v in result.message.items()},
+        buffers={k: v.detach().clone() for k, v in result.buffers.items()},
+        num_examples=result.num_examples,
+        image_shape=tuple(images.shape[1:]),  # type: ignore[arg-type]
+        num_classes=num_classes,
+        mean=tuple(float(m) for m in mean),
+        std=tuple(float(s) for s in std),
+        batch_size=min(batch_size, result.num_examples),
+        local_steps=result.local_steps,
+        lr=lr,
+        labels=labels.detach().clone() if reveal_labels else None,
+        round=rnd,
+        client=client,
+    )
+    truth = GroundTruth(
+        images=images.detach().cpu().clone(),
+        labels=labels.detach().cpu().clone(),
+        trained_images=result.trained_images,
+        round=rnd,
+        client=client,
+    )
+    return obs, truth
+
+
+def observe_client_step(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    algorithm: str = "fedsgd",
+    lr: float = 0.1,
+    local_steps: int = 1,
+    batch_size: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    hooks: ClientHooks | None = None,
+    reveal_labels: bool = False,
+    device: str | torch.device | None = None,
+    seed: int = 0,
+) -> tuple[Observation, GroundTruth]:
+    """Run one client step on ``images`` (B, C, H, W in [0, 1]) and ``labels`` outside a full
+    simulation, returning what the server observes and the ground truth.
+
+    ``fedsgd``: the message is the gradient of the whole batch. ``fedavg``: ``local_steps`` SGD
+    steps with ``lr`` over mini-batches of ``batch_size`` (default: the whole batch) taken in
+    order, and the message is the new weights. ``mean``/``std`` default to no normalisation.
+    The model is not modified; the run happens on a copy on ``device`` (default: the model's).
+    """
+    if images.ndim != 4:
+        raise ValueError(f"images must have shape (B, C, H, W); got {tuple(images.shape)}")
+    if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
+        raise ValueError("labels must be a 1-D tensor with one label per image")
+    if images.min() < 0 or images.max() > 1:
+        raise ValueError("images must be in [0, 1]; pass mean= and std= for normalisation")
+    channels = images.shape[1]
+    mean_t = tuple(mean) if mean is not None else (0.0,) * channels
+    std_t = tuple(std) if std is not None else (1.0,) * channels
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    hooks = hooks or ClientHooks()
+    work = hooks.prepare_model(copy.deepcopy(model)).to(dev)
+    global_state = {k: v.detach().clone() for k, v in work.state_dict().items()}
+    num_classes = int(getattr(work, "num_classes", 0) or _infer_classes(work, images.to(dev)))
+    gen = torch.Generator(device=dev)
+    gen.manual_seed(_seed_int(seed, 3, 0, 0))
+    ctx = ClientContext(
+        round=0,
+        rounds=1,
+        client=0,
+        lr=lr,
+        device=dev,
+        generator=gen,
+        mean=mean_t,
+        std=std_t,
+        kind="gradient" if algorithm == "fedsgd" else "weights",
+    )
+    images, labels = images.to(dev), labels.to(dev)
+    result = run_client(
+        work,
+        images,
+        labels,
+        algorithm=algorithm,
+        lr=lr,
+        batch_size=batch_size or images.shape[0],
+        mean=mean_t,
+        std=std_t,
+        hooks=hooks,
+        ctx=ctx,
+        local_steps=local_steps,
+        rng=None,
+    )
+    used = torch.as_tensor(result.used, device=dev)
+    return build_observation(
+        work,
+        global_state,
+        result,
+        images=images[used],
+        labels=labels[used],
+        batch_size=batch_size or images.shape[0],
+        lr=lr,
+        mean=mean_t,
+        std=std_t,
+        num_classes=num_classes,
+        reveal_labels=reveal_labels,
+        rnd=0,
+        client=0,
+    )
+
+
+@torch.no_grad()
+def _infer_classes(model: nn.Module, images: torch.Tensor) -> int:
+    was = model.training
+    model.eval()
+    k = int(model(images[:1]).shape[1])
+    model.train(was)
+    return k

@@ -1,0 +1,1 @@
+"""Study orchestrator: Ray Tune x Optuna studies, MLflow tracking (not implemented yet)."""
