@@ -1,0 +1,42 @@
+"""Reconstruction attacks on federated updates, and the one metric protocol that scores them.
+
+```python
+from attacks import get_attack
+rec = get_attack("idlg", iterations=300, seed=0).run(obs)
+```
+
+Registered attacks: ``dlg``, ``idlg``, ``inverting_gradients`` (gradient messages; the last also
+FedAvg weights with a known learning rate and step count), ``dlm`` and ``dlm_plus`` (weights).
+"""
+
+from attacks import gradient as _gradient  # noqa: F401  (registers dlg, idlg, inverting_gradients)
+from attacks import weights as _weights  # noqa: F401  (registers dlm, dlm_plus)
+from attacks.base import (
+    Attack,
+    AttackConfigError,
+    AttackParams,
+    Attempt,
+    UnknownAttackError,
+    attack_class,
+    available_attacks,
+    get_attack,
+    register_attack,
+)
+from attacks.reconstruction import Reconstruction
+from attacks.threat import AttackerCapabilities, Requirements, ThreatModelError
+
+__all__ = [
+    "Attack",
+    "AttackConfigError",
+    "AttackParams",
+    "AttackerCapabilities",
+    "Attempt",
+    "Reconstruction",
+    "Requirements",
+    "ThreatModelError",
+    "UnknownAttackError",
+    "attack_class",
+    "available_attacks",
+    "get_attack",
+    "register_attack",
+]

@@ -1,0 +1,383 @@
+"""Obscura's single reconstruction-metric protocol: every number the tool reports comes from here.
+
+Papers and their reference code disagree on how to score reconstructions (greedy best match per
+metric, best match over a whole dataset, CW-SSIM instead of SSIM, unclamped images, ...). Obscura
+uses one protocol for every attack and defense:
+
+1. Reconstructions and ground truth are (B, C, H, W) images already denormalised to [0, 1] by the
+   caller; both are clamped to [0, 1] here anyway. PSNR and SSIM are computed on CPU in float64
+   numpy. Non-finite reconstruction pixels (a diverged attack) are replaced before clamping
+   (NaN -> 0, +inf -> 1, -inf -> 0) and counted in ``rec_nonfinite_pixels``; non-finite ground
+   truth is a caller error (ValueError).
+2. One Hungarian assignment per batch (``scipy.optimize.linear_sum_assignment``) on a declared cost,
+   the B×B LPIPS distance matrix when LPIPS is available, otherwise the B×B MSE matrix. The cost
+   used is returned as ``assignment_cost`` (``"lpips"`` or ``"mse"``). Reconstructions, and the
+   reconstructed labels, are reordered by that assignment and every metric is computed in that
+   order; ``assignment[i]`` is the index of the reconstruction matched to true image ``i``.
+3. PSNR with data range 1: ``10 * log10(1 / mse)``, capped at :data:`PSNR_CAP` (100 dB), which is
+   also the value for identical images, so results never hold ``inf`` and averages and Parquet
+   columns stay finite. SSIM: ``skimage.metrics.structural_similarity`` with ``data_range=1.0``,
+   uniform 7×7 window (``gaussian_weights=False``, skimage's default K1=0.01, K2=0.03,
+   ``use_sample_covariance=True``), ``channel_axis=-1`` for colour images (mean over channels),
+   on HWC float64 arrays; images whose shorter side is below 7 px use the largest odd window that
+   fits (at least 3 px is required). LPIPS: see :mod:`attacks.lpips_net` (lpips package, alex,
+   v0.1, ``normalize=True``, grey repeated to RGB, images under 32 px upsampled to 64 px).
+4. Label accuracy is the fraction of reordered reconstructed labels equal to the true labels. It is
+   ``None`` (never NaN) when the attack gave no labels or no true labels were passed.
+5. Per-batch summaries (see :func:`score_images`) plus ``per_image`` records and ``assignment``.
+   When LPIPS is unavailable or disabled, the LPIPS entries are ``None`` and ``lpips_status`` says
+   why; a randomly initialised backbone is never used.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+from skimage.metrics import structural_similarity
+
+from attacks.lpips_net import LpipsUnavailable, lpips_matrix
+
+__all__ = [
+    "DEFAULT_SUCCESS_PSNR",
+    "PSNR_CAP",
+    "SSIM_WIN_SIZE",
+    "match",
+    "psnr",
+    "score",
+    "score_images",
+    "ssim",
+]
+
+logger = logging.getLogger(__name__)
+
+PSNR_CAP = 100.0
+"""PSNR (dB) reported for identical images and the upper bound of every PSNR (never ``inf``)."""
+
+DEFAULT_SUCCESS_PSNR = 20.0
+"""Default PSNR (dB) at or above which a reconstruction counts as a success."""
+
+SSIM_WIN_SIZE = 7
+"""SSIM uniform window side (px); smaller images use the largest odd side that fits."""
+
+CostName = Literal["lpips", "mse"]
+
+
+# --------------------------------------------------------------------------- input handling
+
+
+def _as_batch(images: Any, name: str) -> torch.Tensor:
+    """Return ``images`` as a detached CPU float64 (B, C, H, W) tensor (not yet clamped)."""
+    x = torch.as_tensor(images).detach().to("cpu", torch.float64)
+    if x.ndim != 4:
+        raise ValueError(f"{name} must have shape (B, C, H, W), got {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} is an empty batch")
+    return x
+
+
+def _truth_batch(images: Any) -> torch.Tensor:
+    """Validate and clamp ground-truth images; non-finite values are a caller error."""
+    x = _as_batch(images, "true_images")
+    if not torch.isfinite(x).all():
+        raise ValueError("true_images contain non-finite values")
+    return x.clamp(0.0, 1.0)
+
+
+def _reconstruction_batch(images: Any) -> tuple[torch.Tensor, int]:
+    """Clamp reconstructions after replacing non-finite pixels; return them and how many there were.
+
+    NaN becomes 0, +inf 1 and -inf 0 so that a diverged attack scores as a (bad) image instead of
+    turning the batch's metrics into NaN.
+    """
+    x = _as_batch(images, "rec_images")
+    nonfinite = int((~torch.isfinite(x)).sum().item())
+    if nonfinite:
+        x = torch.nan_to_num(x, nan=0.0, posinf=1.0, neginf=0.0)
+    return x.clamp(0.0, 1.0), nonfinite
+
+
+def _single_image(image: Any, name: str) -> np.ndarray:
+    """Return one (C, H, W) image in [0, 1] as a clamped HWC float64 numpy array."""
+    x = torch.as_tensor(image).detach().to("cpu", torch.float64)
+    if x.ndim != 3:
+        raise ValueError(f"{name} must have shape (C, H, W), got {tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name} contains non-finite values")
+    return x.clamp(0.0, 1.0).permute(1, 2, 0).numpy()
+
+
+# --------------------------------------------------------------------------- PSNR / SSIM
+
+
+def _psnr_np(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR (dB, data range 1) of two equally shaped arrays in [0, 1], capped at PSNR_CAP."""
+    mse = float(np.mean((a - b) ** 2))
+    if mse <= 0.0:
+        return PSNR_CAP
+    return min(10.0 * math.log10(1.0 / mse), PSNR_CAP)
+
+
+def _ssim_window(height: int, width: int) -> int:
+    """Return the SSIM window side: 7, or the largest odd side <= min(H, W) for small images."""
+    side = min(height, width)
+    if side >= SSIM_WIN_SIZE:
+        return SSIM_WIN_SIZE
+    win = side if side % 2 == 1 else side - 1
+    if win < 3:
+        raise ValueError(f"SSIM needs images of at least 3x3 px, got {height}x{width}")
+    return win
+
+
+def _ssim_np(a: np.ndarray, b: np.ndarray) -> float:
+    """SSIM of two HWC float64 arrays in [0, 1] (protocol settings, see module docstring)."""
+    if a.shape != b.shape:
+        raise ValueError(f"images differ in shape: {a.shape} and {b.shape}")
+    win = _ssim_window(a.shape[0], a.shape[1])
+    if a.shape[2] == 1:
+        value = structural_similarity(a[..., 0], b[..., 0], data_range=1.0, win_size=win)
+    else:
+        value = structural_similarity(a, b, data_range=1.0, win_size=win, channel_axis=-1)
+    return float(value)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of two (C, H, W) images in [0, 1] (clamped), data range 1.
+
+    ``10 * log10(1 / mse)``; identical images give :data:`PSNR_CAP` (100 dB), which also bounds
+    every value so results are always finite.
+    """
+    x, y = _single_image(a, "a"), _single_image(b, "b")
+    if x.shape != y.shape:
+        raise ValueError(f"images differ in shape: {x.shape} and {y.shape}")
+    return _psnr_np(x, y)
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor) -> float:
+    """SSIM of two (C, H, W) images in [0, 1] (clamped) with ``skimage.metrics``.
+
+    ``structural_similarity(data_range=1.0, win_size=7, gaussian_weights=False)`` with skimage's
+    other defaults (K1=0.01, K2=0.03, sample covariance); ``channel_axis=-1`` (mean over channels)
+    for C > 1; images whose shorter side is under 7 px use the largest odd window that fits.
+    """
+    return _ssim_np(_single_image(a, "a"), _single_image(b, "b"))
+
+
+# --------------------------------------------------------------------------- assignment
+
+
+def _mse_matrix(truth: torch.Tensor, rec: torch.Tensor) -> np.ndarray:
+    """Return M (float64) with M[i, j] = mean squared error between truth[i] and rec[j]."""
+    t = truth.reshape(truth.shape[0], -1)
+    r = rec.reshape(rec.shape[0], -1)
+    out = np.empty((t.shape[0], r.shape[0]), dtype=np.float64)
+    for i in range(t.shape[0]):
+        out[i] = ((r - t[i]) ** 2).mean(dim=1).numpy()
+    return out
+
+
+def _hungarian(cost: np.ndarray) -> list[int]:
+    """Return ``assignment`` with assignment[i] = column matched to row i (minimum total cost)."""
+    rows, cols = linear_sum_assignment(cost)
+    order = np.empty(cost.shape[0], dtype=np.int64)
+    order[rows] = cols
+    return [int(c) for c in order]
+
+
+def _check_same_shape(rec: torch.Tensor, truth: torch.Tensor) -> None:
+    """Raise ValueError unless reconstructions and ground truth have identical shapes."""
+    if rec.shape != truth.shape:
+        raise ValueError(
+            f"rec_images {tuple(rec.shape)} and true_images {tuple(truth.shape)} differ in shape"
+        )
+
+
+def match(
+    rec_images: torch.Tensor,
+    true_images: torch.Tensor,
+    cost: CostName = "lpips",
+    *,
+    device: str | torch.device = "cpu",
+) -> list[int]:
+    """Hungarian-match reconstructions to ground truth; result[i] = reconstruction for true i.
+
+    ``cost="lpips"`` minimises the total LPIPS distance (raises
+    :class:`~attacks.lpips_net.LpipsUnavailable` when LPIPS has no real weights); ``cost="mse"``
+    the total mean squared error. Both batches are (B, C, H, W) in [0, 1] and are clamped.
+    """
+    rec, _ = _reconstruction_batch(rec_images)
+    truth = _truth_batch(true_images)
+    _check_same_shape(rec, truth)
+    if cost == "lpips":
+        matrix = lpips_matrix(truth, rec, device=device).numpy()
+    elif cost == "mse":
+        matrix = _mse_matrix(truth, rec)
+    else:
+        raise ValueError(f"cost must be 'lpips' or 'mse', got {cost!r}")
+    return _hungarian(matrix)
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def _labels(labels: Any, n: int, name: str) -> np.ndarray | None:
+    """Return labels as an int64 vector of length ``n``, or None when none were given."""
+    if labels is None:
+        return None
+    arr = torch.as_tensor(labels).detach().to("cpu")
+    if arr.is_floating_point() or arr.is_complex():
+        raise ValueError(f"{name} must be integer class indices, got dtype {arr.dtype}")
+    arr = arr.reshape(-1).to(torch.int64).numpy()
+    if arr.shape[0] != n:
+        raise ValueError(f"{name} has {arr.shape[0]} entries for {n} images")
+    return arr
+
+
+def _summary(values: Sequence[float] | None, stats: Sequence[str]) -> list[float | None]:
+    """Return the requested statistics of ``values`` as Python floats (None when no values)."""
+    if values is None:
+        return [None] * len(stats)
+    arr = np.asarray(values, dtype=np.float64)
+    funcs = {"mean": np.mean, "median": np.median, "max": np.max, "min": np.min}
+    return [float(funcs[s](arr)) for s in stats]
+
+
+def score_images(
+    rec_images: torch.Tensor,
+    true_images: torch.Tensor,
+    rec_labels: torch.Tensor | None = None,
+    true_labels: torch.Tensor | None = None,
+    *,
+    success_psnr: float = DEFAULT_SUCCESS_PSNR,
+    lpips: bool = True,
+    device: str | torch.device = "cpu",
+) -> dict[str, Any]:
+    """Score a batch of reconstructions against ground truth with the Obscura protocol.
+
+    ``rec_images`` and ``true_images`` are (B, C, H, W) in [0, 1]; labels are (B,) integer
+    tensors or None. ``lpips=False`` skips LPIPS (then the assignment uses MSE); ``device`` is
+    where the LPIPS network runs. Returns a dict with
+
+    * ``n_images``, ``assignment_cost`` (``"lpips"``/``"mse"``), ``assignment`` (list[int],
+      assignment[i] = reconstruction matched to true image i);
+    * ``psnr_mean, psnr_median, psnr_max, psnr_min, ssim_mean, ssim_median, ssim_max,
+      lpips_mean, lpips_median, lpips_min`` (floats; LPIPS ones None without LPIPS);
+    * ``label_accuracy`` (float, or None when either side has no labels), ``success_rate``
+      (fraction with PSNR >= ``success_psnr``), ``success_psnr`` (the threshold used);
+    * ``lpips_status`` (``"ok"``, or why LPIPS is None), ``rec_nonfinite_pixels`` (replaced
+      non-finite reconstruction values);
+    * ``per_image``: list of ``{"index", "psnr", "ssim", "lpips", "label_correct"}`` in ground-truth
+      order (``label_correct`` None without labels).
+
+    No value is ever NaN or inf.
+    """
+    rec, nonfinite = _reconstruction_batch(rec_images)
+    truth = _truth_batch(true_images)
+    _check_same_shape(rec, truth)
+    n = truth.shape[0]
+    rec_lab = _labels(rec_labels, n, "rec_labels")
+    true_lab = _labels(true_labels, n, "true_labels")
+    if not math.isfinite(success_psnr):
+        raise ValueError(f"success_psnr must be finite, got {success_psnr}")
+
+    lpips_dist: np.ndarray | None = None
+    if not lpips:
+        lpips_status = "disabled (lpips=False)"
+    else:
+        try:
+            lpips_dist = lpips_matrix(truth, rec, device=device).numpy()
+            lpips_status = "ok"
+        except LpipsUnavailable as exc:
+            lpips_status = f"unavailable: {exc}"
+            logger.warning("LPIPS unavailable, scoring without it (MSE assignment): %s", exc)
+
+    if lpips_dist is not None:
+        assignment_cost: CostName = "lpips"
+        assignment = _hungarian(lpips_dist)
+    else:
+        assignment_cost = "mse"
+        assignment = _hungarian(_mse_matrix(truth, rec))
+
+    ordered = rec[assignment]
+    truth_np = truth.permute(0, 2, 3, 1).numpy()
+    rec_np = ordered.permute(0, 2, 3, 1).numpy()
+    psnrs = [_psnr_np(rec_np[i], truth_np[i]) for i in range(n)]
+    ssims = [_ssim_np(rec_np[i], truth_np[i]) for i in range(n)]
+    lpipss = (
+        [float(lpips_dist[i, assignment[i]]) for i in range(n)] if lpips_dist is not None else None
+    )
+    if rec_lab is not None and true_lab is not None:
+        correct: list[bool] | None = [bool(x) for x in rec_lab[np.asarray(assignment)] == true_lab]
+        label_accuracy: float | None = float(np.mean(correct))
+    else:
+        correct, label_accuracy = None, None
+
+    psnr_mean, psnr_median, psnr_max, psnr_min = _summary(psnrs, ("mean", "median", "max", "min"))
+    ssim_mean, ssim_median, ssim_max = _summary(ssims, ("mean", "median", "max"))
+    lpips_mean, lpips_median, lpips_min = _summary(lpipss, ("mean", "median", "min"))
+    per_image = [
+        {
+            "index": i,
+            "psnr": psnrs[i],
+            "ssim": ssims[i],
+            "lpips": lpipss[i] if lpipss is not None else None,
+            "label_correct": correct[i] if correct is not None else None,
+        }
+        for i in range(n)
+    ]
+    return {
+        "n_images": n,
+        "assignment_cost": assignment_cost,
+        "assignment": assignment,
+        "psnr_mean": psnr_mean,
+        "psnr_median": psnr_median,
+        "psnr_max": psnr_max,
+        "psnr_min": psnr_min,
+        "ssim_mean": ssim_mean,
+        "ssim_median": ssim_median,
+        "ssim_max": ssim_max,
+        "lpips_mean": lpips_mean,
+        "lpips_median": lpips_median,
+        "lpips_min": lpips_min,
+        "label_accuracy": label_accuracy,
+        "success_rate": float(np.mean([p >= success_psnr for p in psnrs])),
+        "success_psnr": float(success_psnr),
+        "lpips_status": lpips_status,
+        "rec_nonfinite_pixels": nonfinite,
+        "per_image": per_image,
+    }
+
+
+_MISSING = object()
+
+
+def score(
+    rec: Any,
+    truth: Any,
+    *,
+    success_psnr: float = DEFAULT_SUCCESS_PSNR,
+    lpips: bool = True,
+    device: str | torch.device = "cpu",
+) -> dict[str, Any]:
+    """Score an attack's reconstruction against the client's batch (see :func:`score_images`).
+
+    ``rec`` and ``truth`` are any objects with ``.images`` ((B, C, H, W) float tensor in [0, 1])
+    and ``.labels`` ((B,) long tensor, or None / absent when the attack recovered no labels).
+    """
+    for obj, name in ((rec, "rec"), (truth, "truth")):
+        if getattr(obj, "images", _MISSING) is _MISSING:
+            raise TypeError(f"{name} must have an .images attribute, got {type(obj).__name__}")
+    return score_images(
+        rec.images,
+        truth.images,
+        getattr(rec, "labels", None),
+        getattr(truth, "labels", None),
+        success_psnr=success_psnr,
+        lpips=lpips,
+        device=device,
+    )

@@ -1,0 +1,105 @@
+"""Differentiable pieces shared by the inversion attacks: dummy gradients and distances."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def select_parameters(
+    model: nn.Module, available: Sequence[str], ignore: Sequence[str] = ()
+) -> list[str]:
+    """Names of the parameters an attack matches: those in the message, in model order, minus
+    any whose name starts with one of the ``ignore`` prefixes (the defense-aware option, e.g.
+    ``["bottleneck", "classifier"]`` against PRECODE). Raises if nothing is left."""
+    names = [
+        n
+        for n, _ in model.named_parameters()
+        if n in set(available)
+        and not any(n == p or n.startswith(p + ".") or n.startswith(p) for p in ignore)
+    ]
+    if not names:
+        raise ValueError(
+            f"no parameters left to match after ignoring {list(ignore)}; "
+            f"parameters are {[n for n, _ in model.named_parameters()]}"
+        )
+    return names
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy with hard labels (B,) or soft targets (B, K): mean_b sum_c -t_c log p_c
+    (DLG's loss for dummy soft labels)."""
+    if targets.ndim == 1:
+        return F.cross_entropy(logits, targets)
+    return torch.mean(torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1))
+
+
+def training_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The client's training objective on dummy data: cross-entropy plus the model's own extra
+    term when it has one (e.g. PRECODE's KL), since the attacker knows the training code."""
+    loss = soft_cross_entropy(model(inputs), targets)
+    extra = getattr(model, "extra_loss", None)
+    if callable(extra):
+        term = extra()
+        if term is not None:
+            loss = loss + term
+    return loss
+
+
+def dummy_gradients(
+    model: nn.Module,
+    params: Sequence[torch.Tensor],
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    create_graph: bool = True,
+) -> tuple[torch.Tensor, ...]:
+    """Gradient of the training loss on dummy data w.r.t. ``params``, differentiable in the
+    dummy data (double backward) when ``create_graph``."""
+    loss = training_loss(model, inputs, targets)
+    return torch.autograd.grad(loss, list(params), create_graph=create_graph)
+
+
+def l2_distance(dummy: Sequence[torch.Tensor], target: Sequence[torch.Tensor]) -> torch.Tensor:
+    """DLG's objective: sum over tensors of the squared L2 distance ||g' - g||^2."""
+    return sum(((d - t) ** 2).sum() for d, t in zip(dummy, target, strict=True))  # type: ignore[return-value]
+
+
+def cosine_distance(
+    dummy: Sequence[torch.Tensor],
+    target: Sequence[torch.Tensor],
+    weights: Sequence[float] | None = None,
+) -> torch.Tensor:
+    """Inverting Gradients' objective (Geiping et al. 2020, eq. 4): ONE cosine similarity over
+    all (optionally weighted) parameter tensors, ``1 - <g', g> / (||g'|| ||g||)``."""
+    w = weights if weights is not None else [1.0] * len(target)
+    dot = sum(wi * (d * t).sum() for wi, d, t in zip(w, dummy, target, strict=True))
+    dn = sum(wi * d.pow(2).sum() for wi, d in zip(w, dummy, strict=True))
+    tn = sum(wi * t.pow(2).sum() for wi, t in zip(w, target, strict=True))
+    return 1.0 - dot / (torch.sqrt(dn) * torch.sqrt(tn) + 1e-12)  # type: ignore[operator]
+
+
+def mean_tensor_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """DLM+'s scale: the mean over tensors of each tensor's L2 norm (one scalar)."""
+    return torch.stack([t.norm() for t in tensors]).mean()
+
+
+def normalized_l2_distance(
+    dummy: Sequence[torch.Tensor], target: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """DLM+'s scale-free objective: sum_l ||g'_l / n(g') - dW_l / n(dW)||^2 with n the mean
+    per-tensor L2 norm of each side, so the learning rate and step count cancel."""
+    dn = mean_tensor_norm(dummy)
+    tn = mean_tensor_norm(target).detach()
+    return sum(((d / dn - t / tn) ** 2).sum() for d, t in zip(dummy, target, strict=True))  # type: ignore[return-value]
+
+
+def total_variation(x: torch.Tensor) -> torch.Tensor:
+    """Anisotropic total variation as in Inverting Gradients' code:
+    mean |x[h+1] - x[h]| + mean |x[w+1] - x[w]|."""
+    dx = torch.mean(torch.abs(x[:, :, :, :-1] - x[:, :, :, 1:]))
+    dy = torch.mean(torch.abs(x[:, :, :-1, :] - x[:, :, 1:, :]))
+    return dx + dy

@@ -1,0 +1,101 @@
+"""What every inversion attack derives from an observation before optimising."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from attacks.labels import batch_labels
+from attacks.objectives import select_parameters
+from fl.simulation.observation import Observation
+
+
+@dataclass
+class InversionSetup:
+    """The matched parameters, the observed target per parameter, and the input box.
+
+    ``target`` is the gradient (FedSGD) or the weight update ``W_t - W_{t+1}`` (FedAvg), per
+    matched parameter. ``lower``/``upper`` bound the model's input space so that images stay in
+    [0, 1] after denormalisation (shape (1, C, 1, 1)).
+    """
+
+    model: nn.Module
+    names: list[str]
+    params: list[torch.Tensor]
+    target: list[torch.Tensor]
+    shape: tuple[int, int, int, int]
+    lower: torch.Tensor
+    upper: torch.Tensor
+    last_layer_update: torch.Tensor
+
+    @classmethod
+    def from_observation(
+        cls, obs: Observation, ignore: Sequence[str] = (), include: Sequence[str] | None = None
+    ) -> InversionSetup:
+        """Build the setup; ``ignore`` drops parameters by name prefix (defense-aware attacks),
+        ``include`` keeps only those prefixes."""
+        model = obs.model
+        model.train()
+        available = list(obs.message)
+        if include:
+            available = [n for n in available if any(n.startswith(p) for p in include)]
+        names = select_parameters(model, available, ignore)
+        named = dict(model.named_parameters())
+        params = [named[n] for n in names]
+        for p in params:
+            p.requires_grad_(True)
+        full = dict(obs.message) if obs.kind == "gradient" else obs.weight_update()
+        target = [full[n].detach() for n in names]
+        last_name = _last_layer_weight_name(model)
+        device = obs.device
+        mean = torch.tensor(obs.mean, device=device).view(1, -1, 1, 1)
+        std = torch.tensor(obs.std, device=device).view(1, -1, 1, 1)
+        c = obs.image_shape[0]
+        if mean.shape[1] == 1 and c > 1:
+            mean, std = mean.expand(1, c, 1, 1), std.expand(1, c, 1, 1)
+        return cls(
+            model=model,
+            names=names,
+            params=params,
+            target=target,
+            shape=(obs.num_examples, *obs.image_shape),
+            lower=(0 - mean) / std,
+            upper=(1 - mean) / std,
+            last_layer_update=full[last_name].detach(),
+        )
+
+    def dummy(self, generator: torch.Generator, init: str = "randn") -> torch.Tensor:
+        """A dummy batch in the model's input space: N(0, 1) ("randn", DLG/IG), uniform over
+        the valid box ("rand"), or the mid-grey image ("zeros" in [0,1] terms: 0.5)."""
+        device = self.lower.device
+        if init == "randn":
+            x = torch.randn(self.shape, generator=generator, device=device)
+        elif init == "rand":
+            u = torch.rand(self.shape, generator=generator, device=device)
+            x = self.lower + u * (self.upper - self.lower)
+        elif init == "grey":
+            x = (self.lower + 0.5 * (self.upper - self.lower)).expand(self.shape).clone()
+        else:
+            raise ValueError(f"unknown init {init!r}; use 'randn', 'rand' or 'grey'")
+        return x.requires_grad_(True)
+
+    def inferred_labels(self) -> torch.Tensor:
+        """Labels from the last layer's update (iDLG rule for one image, a count rule for more)."""
+        labels = batch_labels(self.last_layer_update, self.shape[0])
+        return labels.to(self.lower.device)
+
+
+def _last_layer_weight_name(model: nn.Module) -> str:
+    last = model.last_layer() if hasattr(model, "last_layer") else None
+    if last is None:
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            raise ValueError("label inference needs a final nn.Linear layer")
+        last = linears[-1]
+    for name, p in model.named_parameters():
+        if p is last.weight:
+            return name
+    raise ValueError("the last layer's weight is not a parameter of the model")

@@ -1,0 +1,89 @@
+"""The attacker's threat model: what it may know, and what each attack requires.
+
+Modelled on LeakPro's explicit ``AttackerCapabilities``: before an attack runs, the observation is
+restricted to what the attacker is granted, and the attack's declared :class:`Requirements` are
+checked against what is left. A missing fact is a :class:`ThreatModelError` that names it and how
+to grant it -- never a crash deep inside an optimisation.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from fl.simulation.observation import Observation
+
+MessageKind = Literal["gradient", "weights"]
+
+
+class ThreatModelError(ValueError):
+    """An attack was asked to run on an observation that lacks what it requires."""
+
+
+class AttackerCapabilities(BaseModel):
+    """What the honest-but-curious server knows beyond the architecture and global weights.
+
+    The server always knows the model architecture, the global weights it sent and the message it
+    received. Everything else is granted here: the private labels, the client's learning rate,
+    its number of local steps, its batch size, and the BatchNorm statistics of the private batch.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    knows_labels: bool = False
+    knows_lr: bool = True
+    knows_local_steps: bool = True
+    knows_batch_size: bool = True
+    knows_bn_stats: bool = False
+
+    def restrict(self, obs: Observation) -> Observation:
+        """A copy of ``obs`` without the facts this attacker is not granted."""
+        changes: dict[str, object] = {}
+        if not self.knows_labels:
+            changes["labels"] = None
+        if not self.knows_lr:
+            changes["lr"] = None
+        if not self.knows_local_steps:
+            changes["local_steps"] = None
+        if not self.knows_batch_size:
+            changes["batch_size"] = None
+        if not self.knows_bn_stats:
+            changes["buffers"] = {}
+        return obs.replace(**changes) if changes else obs
+
+
+class Requirements(BaseModel):
+    """What an attack needs from an observation."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kinds: tuple[MessageKind, ...] = ("gradient",)
+    labels: bool = False
+    lr: bool = False
+    local_steps: bool = False
+    num_examples: bool = True
+
+    def check(self, obs: Observation, attack: str) -> None:
+        """Raise :class:`ThreatModelError` if ``obs`` lacks something this attack requires."""
+        if obs.kind not in self.kinds:
+            raise ThreatModelError(
+                f"attack {attack!r} works on {' or '.join(self.kinds)} messages, but the "
+                f"observation holds a {obs.kind!r} message (algorithm "
+                f"{'fedsgd' if obs.kind == 'gradient' else 'fedavg'}); choose an attack for "
+                f"{obs.kind} messages"
+            )
+        missing = []
+        if self.labels and obs.labels is None:
+            missing.append("labels (grant with AttackerCapabilities(knows_labels=True))")
+        if self.lr and obs.lr is None:
+            missing.append("the local learning rate (knows_lr=True)")
+        if self.local_steps and obs.local_steps is None:
+            missing.append("the number of local steps (knows_local_steps=True)")
+        if self.num_examples and obs.num_examples < 1:
+            missing.append("the number of examples")
+        if missing:
+            raise ThreatModelError(
+                f"attack {attack!r} requires " + ", ".join(missing) + " but the observation "
+                "does not include it"
+            )
