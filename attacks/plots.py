@@ -32,7 +32,7 @@ def _to_hwc(images: Any, name: str) -> np.ndarray:
 
 
 def save_pair_grid(
-    truth_images: Any,
+    truth_images: Any | None,
     rec_images: Any,
     path: str | os.PathLike[str],
     *,
@@ -46,10 +46,16 @@ def save_pair_grid(
     in matched order (e.g. reordered by ``score()["assignment"]``). At most 8 pairs per row; more
     images wrap into further truth/reconstruction row pairs. Under each reconstruction its PSNR is
     printed: the values of ``psnr`` when given (one per image), else computed here with
-    :func:`attacks.metrics.psnr` on the shown pair. Parent folders are created. Returns the path.
+    :func:`attacks.metrics.psnr` on the shown pair. With ``truth_images=None`` only the
+    reconstructions are drawn (``psnr`` is then required): what ``log_images: reconstructions``
+    stores, keeping the private originals out of tracking. Parent folders are created. Returns
+    the path.
     """
-    truth = _to_hwc(truth_images, "truth_images")
     rec = _to_hwc(rec_images, "rec_images")
+    show_truth = truth_images is not None
+    if not show_truth and psnr is None:
+        raise ValueError("psnr values are required when truth_images is None")
+    truth = _to_hwc(truth_images, "truth_images") if show_truth else rec
     if truth.shape != rec.shape:
         raise ValueError(f"truth {truth.shape} and reconstruction {rec.shape} differ in shape")
     if max_images < 1:
@@ -70,17 +76,22 @@ def save_pair_grid(
 
     cols = min(n, _MAX_COLUMNS)
     pairs = math.ceil(n / cols)
-    fig = Figure(figsize=(1.4 * cols + 0.6, 2.9 * pairs + (0.4 if title else 0.0)), dpi=100)
+    per = 2 if show_truth else 1
+    fig = Figure(
+        figsize=(1.4 * cols + 0.6, 1.45 * per * pairs + (0.4 if title else 0.0)), dpi=100
+    )
     FigureCanvasAgg(fig)
-    axes = np.atleast_2d(fig.subplots(2 * pairs, cols, squeeze=False))
+    axes = np.atleast_2d(fig.subplots(per * pairs, cols, squeeze=False))
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_axis_off()
     grey = truth.shape[-1] == 1
     for i in range(n):
-        row, col = 2 * (i // cols), i % cols
-        for ax, img in ((axes[row, col], truth[i]), (axes[row + 1, col], rec[i])):
+        row, col = per * (i // cols), i % cols
+        panels = [(axes[row, col], truth[i])] if show_truth else []
+        panels.append((axes[row + per - 1, col], rec[i]))
+        for ax, img in panels:
             ax.set_axis_on()
             for spine in ax.spines.values():
                 spine.set_visible(False)
@@ -88,10 +99,11 @@ def save_pair_grid(
                 ax.imshow(img[..., 0], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
             else:
                 ax.imshow(img, interpolation="nearest")
-        axes[row + 1, col].set_xlabel(f"{values[i]:.1f} dB", fontsize=8)
+        axes[row + per - 1, col].set_xlabel(f"{values[i]:.1f} dB", fontsize=8)
         if col == 0:
-            axes[row, col].set_ylabel("truth", fontsize=8)
-            axes[row + 1, col].set_ylabel("recon", fontsize=8)
+            if show_truth:
+                axes[row, col].set_ylabel("truth", fontsize=8)
+            axes[row + per - 1, col].set_ylabel("recon", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()

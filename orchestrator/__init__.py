@@ -1,1 +1,20 @@
-"""Study orchestrator: Ray Tune x Optuna studies, MLflow tracking (not implemented yet)."""
+"""Study orchestrator: Ray Tune x Optuna Pareto studies, MLflow tracking, Parquet results.
+
+```python
+from orchestrator import Study, register_objective
+results = Study.from_yaml("studies/quickstart.yaml").run()
+```
+"""
+
+from orchestrator.config import StudyConfig, StudyFileError, load_study
+from orchestrator.metrics import register_objective
+from orchestrator.study import Study, StudyResults
+
+__all__ = [
+    "Study",
+    "StudyConfig",
+    "StudyFileError",
+    "StudyResults",
+    "load_study",
+    "register_objective",
+]

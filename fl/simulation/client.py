@@ -122,6 +122,7 @@ def run_client(
     n = images.shape[0]
     if n == 0:
         raise ValueError(f"client {ctx.client} has no training examples")
+    ctx.extras["client_size"] = n
     params = trainable_parameters(model)
     start = {k: p.detach().clone() for k, p in params.items()}
     if algorithm == "fedsgd":
@@ -140,6 +141,7 @@ def run_client(
     for step, idx in enumerate(_batches(n, batch_size, steps, rng)):
         ctx.step = step
         index = torch.as_tensor(idx, device=images.device, dtype=torch.long)
+        ctx.batch_indices = index
         x01, y = images[index], labels[index]
         x_used = hooks.transform_batch(x01, y, model, ctx)
         if x_used is not x01:

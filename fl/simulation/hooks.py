@@ -22,8 +22,11 @@ class ClientContext:
     """Facts of the client step a hook may use.
 
     ``generator`` is seeded from (seed, round, client) so hooks that draw noise are
-    deterministic; ``extras`` is free for hooks to pass values between their own calls within one
-    step.
+    deterministic; ``step`` is the local step and ``batch_indices`` the positions (within the
+    client's own data) of the current batch, so a hook can keep per-example state across rounds;
+    ``extras`` carries ``client_size`` (the client's number of training examples, e.g. for a
+    DP accountant's sampling rate) and is free for hooks to pass values between their own calls
+    within one step.
     """
 
     round: int
@@ -36,6 +39,7 @@ class ClientContext:
     std: tuple[float, ...]
     kind: Literal["gradient", "weights"]
     step: int = 0
+    batch_indices: torch.Tensor | None = None
     extras: dict[str, object] = field(default_factory=dict)
 
 

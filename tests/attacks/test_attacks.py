@@ -49,9 +49,12 @@ def test_idlg_label_rule_is_exact_on_twenty_real_images(real_images_16) -> None:
     labels = torch.arange(24) % 10
     for i in range(24):
         model = lenet(seed=i)
-        obs, _ = observe_client_step(model, real_images_16[i : i + 1], labels[i : i + 1])
+        obs, truth = observe_client_step(model, real_images_16[i : i + 1], labels[i : i + 1])
         assert obs.labels is None  # inferred, not granted
         assert idlg_label(obs.message["classifier.weight"]) == int(labels[i])
+        rec = get_attack("idlg", iterations=1).run(obs)
+        assert rec.label_source == "inferred"
+        assert score(rec, truth, lpips=False)["label_accuracy"] == 1.0
 
 
 def test_idlg_recovers_a_real_image_near_exactly(real_images_16) -> None:

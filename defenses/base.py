@@ -1,0 +1,160 @@
+"""The defense interface: hooks on a federated run plus a declared search space.
+
+A defense is a :class:`fl.simulation.ClientHooks` subclass (it may act on the model, on each
+private batch before training, on the gradient computation, with an extra loss, and on the
+outgoing update) that also declares its hyperparameters: a pydantic ``Params`` model with the
+paper's defaults, and a :class:`ParamSpec` per tunable hyperparameter so that the orchestrator can
+build an Optuna search space without knowing the defense.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from fl.simulation.hooks import ClientHooks
+
+
+class DefenseConfigError(ValueError):
+    """A defense was given an unknown hyperparameter or a value out of range."""
+
+
+class UnknownDefenseError(ValueError):
+    """No defense is registered under that name; the message lists the known ones."""
+
+
+class ParamSpec(BaseModel):
+    """The search range of one hyperparameter (Optuna's distributions).
+
+    ``float``/``int``: ``low``..``high`` (inclusive), ``log`` for a log-uniform scale;
+    ``categorical``: one of ``choices``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["float", "int", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: tuple[Any, ...] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ParamSpec:
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError("a categorical range needs a non-empty 'choices' list")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError(f"a {self.type} range needs 'low' and 'high'")
+        if self.low > self.high:
+            raise ValueError(f"'low' ({self.low}) must not exceed 'high' ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log-scale range needs low > 0 (got {self.low})")
+        return self
+
+    def contains(self, value: Any) -> bool:
+        """Whether ``value`` lies in this range."""
+        if self.type == "categorical":
+            return value in (self.choices or ())
+        assert self.low is not None and self.high is not None
+        return self.low <= float(value) <= self.high
+
+
+class DefenseParams(BaseModel):
+    """Base of every defense's hyperparameters (unknown names are rejected)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Defense(ClientHooks):
+    """Base class of every defense: validated ``params``, a declared ``search_space``.
+
+    Subclasses set ``Params`` (defaults from the paper or its code) and ``search_space`` (the
+    tunable hyperparameters and their ranges; every key must be a field of ``Params``) and
+    override the :class:`fl.simulation.ClientHooks` methods they need. One instance serves one
+    federated run and may keep per-client state (e.g. a generator per client).
+    """
+
+    name: ClassVar[str] = ""
+    Params: ClassVar[type[DefenseParams]] = DefenseParams
+    search_space: ClassVar[dict[str, ParamSpec]] = {}
+
+    def __init__(self, **params: Any) -> None:
+        try:
+            self.params = self.Params(**params)
+        except ValidationError as err:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()
+            )
+            known = ", ".join(self.Params.model_fields) or "(none)"
+            raise DefenseConfigError(
+                f"defense {self.name!r}: {problems} (hyperparameters: {known})"
+            ) from None
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """The default value of every hyperparameter."""
+        return cls.Params().model_dump()
+
+
+_REGISTRY: dict[str, type[Defense]] = {}
+_D = TypeVar("_D", bound=type[Defense])
+
+
+def register_defense(name: str) -> Callable[[_D], _D]:
+    """Class decorator registering a defense under ``name`` (also for users' own defenses).
+
+    Checks that every search-space key is a hyperparameter of the defense.
+    """
+
+    def deco(cls: _D) -> _D:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"a defense named {name!r} is already registered")
+        unknown = set(cls.search_space) - set(cls.Params.model_fields)
+        if unknown:
+            raise ValueError(
+                f"defense {name!r}: search_space names unknown fields {sorted(unknown)}"
+            )
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def available_defenses() -> list[str]:
+    """Sorted names of the registered defenses."""
+    return sorted(_REGISTRY)
+
+
+def defense_class(name: str) -> type[Defense]:
+    """The class registered under ``name``."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UnknownDefenseError(
+            f"unknown defense {name!r}; known defenses: {', '.join(available_defenses())}"
+        ) from None
+
+
+def get_defense(name: str, **params: Any) -> Defense:
+    """Build the defense registered under ``name`` with ``params`` over its defaults."""
+    return defense_class(name)(**params)
+
+
+def unregister_defense(name: str) -> None:
+    """Remove a registered defense (for tests and plugins)."""
+    _REGISTRY.pop(name, None)
+
+
+@register_defense("none")
+class NoDefense(Defense):
+    """The control: no defense at all. Every hook is a no-op, so the attacks see exactly what an
+    undefended client sends; every study should include it to show that the attacks work."""
+
+
+def parameter_names(update: dict[str, Any], prefixes: Sequence[str]) -> list[str]:
+    """Names in ``update`` that start with one of ``prefixes``."""
+    return [n for n in update if any(n.startswith(p) for p in prefixes)]

@@ -1,0 +1,150 @@
+"""The driver-side Ray Tune callback that records each trial in Parquet and MLflow."""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+from defenses import defense_class
+from orchestrator.config import StudyConfig
+from orchestrator.search import trial_params
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _none_if_nan(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+class StudyCallback(tune.Callback):
+    """Writes a row per trial to ``trials.parquet`` (running, then completed or failed), its
+    rounds and attack records, and its MLflow child run; prints a line per finished trial."""
+
+    def __init__(self, config: StudyConfig, store: Any, tracker: Any, first_number: int = 0):
+        self.config = config
+        self.store = store
+        self.tracker = tracker
+        self.numbers: dict[str, int] = {}
+        self.next_number = first_number
+        self.started: dict[str, datetime] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune may pickle its run config; the store and MLflow client stay in the driver.
+        state = dict(self.__dict__)
+        state["store"] = state["tracker"] = None
+        return state
+
+    def _params(self, trial: Any) -> tuple[str, dict[str, Any]]:
+        defense, params = trial_params(self.config, trial.config)
+        full = {**defense_class(defense).defaults(), **params}
+        return defense, full
+
+    def _base_row(self, trial: Any, status: str) -> dict[str, Any]:
+        defense, params = self._params(trial)
+        tid = trial.trial_id
+        if tid not in self.numbers:
+            self.numbers[tid] = self.next_number
+            self.next_number += 1
+        row: dict[str, Any] = {
+            "trial_id": tid,
+            "number": self.numbers[tid],
+            "status": status,
+            "error": None,
+            "defense": defense,
+            "mlflow_run_id": None,
+            "pareto": False,
+            "device": None,
+            "started_at": self.started.get(tid),
+            "finished_at": None,
+        }
+        for k, v in params.items():
+            row[f"param_{k}"] = (
+                v if v is None or isinstance(v, int | float | str | bool) else str(v)
+            )
+        return row
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.started[trial.trial_id] = _now()
+        self.store.upsert_trial(self._base_row(trial, "running"))
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        result = trial.last_result or {}
+        row = self._base_row(trial, "completed")
+        metrics = {m: _none_if_nan(result.get(m)) for m in self.config.metric_names()}
+        rounds = json.loads(result.get("rounds_json", "[]"))
+        attacks = json.loads(result.get("attacks_json", "[]"))
+        images = [Path(p) for p in json.loads(result.get("images_json", "[]"))]
+        defense, params = self._params(trial)
+        run_id = self.tracker.log_trial(
+            trial.trial_id,
+            params={"defense": defense, **params},
+            metrics=metrics,
+            rounds=rounds,
+            tags=self._tags(defense, result),
+            images=images,
+        )
+        row.update(metrics)
+        row.update(mlflow_run_id=run_id, device=result.get("device"), finished_at=_now())
+        self.store.add_rounds(trial.trial_id, rounds)
+        self.store.add_attacks(trial.trial_id, attacks)
+        self.store.upsert_trial(row)
+        shown = ", ".join(
+            f"{o.metric}={metrics.get(o.metric):.4g}"
+            if metrics.get(o.metric) is not None
+            else f"{o.metric}=n/a"
+            for o in self.config.objectives
+        )
+        print(f"[obscura] trial {row['number']} ({defense}) completed: {shown}", flush=True)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        row = self._base_row(trial, "failed")
+        error = _error_text(trial)
+        defense, params = self._params(trial)
+        run_id = self.tracker.log_trial(
+            trial.trial_id,
+            params={"defense": defense, **params},
+            metrics={},
+            rounds=[],
+            tags=self._tags(defense, {}),
+            status="FAILED",
+            error=error,
+        )
+        row.update(error=error, mlflow_run_id=run_id, finished_at=_now())
+        self.store.upsert_trial(row)
+        print(
+            f"[obscura] trial {row['number']} ({defense}) FAILED: {error.splitlines()[-1]}",
+            flush=True,
+        )
+
+    def _tags(self, defense: str, result: dict[str, Any]) -> dict[str, str]:
+        from orchestrator.tracking import code_version
+
+        cfg = self.config
+        return {
+            "defense": defense,
+            "attacks": ",".join(a.key for a in cfg.attacks),
+            "dataset": cfg.data.dataset,
+            "model": cfg.model.name,
+            "seed": str(cfg.seed),
+            "code_version": code_version(),
+            "device": str(result.get("device", "")),
+            "gpu_ids": str(result.get("gpu_ids", "")),
+        }
+
+
+def _error_text(trial: Any) -> str:
+    """The trial's error: Tune's error file when there is one."""
+    path = getattr(trial, "error_file", None)
+    if path and Path(path).exists():
+        return Path(path).read_text(errors="replace")[-4000:]
+    msg = getattr(trial, "error_msg", None)
+    return str(msg or "trial failed (no error message recorded by Ray Tune)")

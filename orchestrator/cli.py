@@ -1,0 +1,227 @@
+"""``python -m orchestrator``: study, trial, validate, report, list.
+
+Exit status: 0 on success, 2 for a bad study file or bad command-line input (the message names
+the field and the fix; never a traceback), 1 when a run fails, 130 on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from orchestrator.config import StudyFileError, load_study
+
+EXIT_BAD_INPUT = 2
+
+
+def _parse_sets(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise StudyFileError(f"--set {item!r}: expected KEY=VALUE (e.g. precode.beta=0.001)")
+        key, value = item.split("=", 1)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise StudyFileError(f"--set {item!r}: value is not valid YAML ({err})") from None
+    return out
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Validate a study file and summarise it."""
+    cfg = load_study(args.file)
+    ranges = cfg.search_ranges()
+    print(f"{args.file}: valid study {cfg.study!r}")
+    print(f"  data: {cfg.data.dataset} ({cfg.data.root}), model: {cfg.model.name}")
+    f = cfg.federation
+    print(
+        f"  federation: {f.algorithm}, {f.clients} clients ({f.clients_per_round} per round), "
+        f"{f.rounds} rounds"
+    )
+    for name in cfg.defenses:
+        searched = ", ".join(ranges[name]) or "no searched hyperparameters"
+        print(f"  defense {name}: {searched}")
+    print(f"  attacks: {', '.join(a.key for a in cfg.attacks)}")
+    print(f"  objectives: {', '.join(f'{o.metric} ({o.mode})' for o in cfg.objectives)}")
+    print(
+        f"  search: {cfg.search.sampler}, {cfg.search.trials} trials, "
+        f"concurrency {cfg.search.concurrency}; output: {cfg.folder}"
+    )
+    return 0
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    """Run (or resume) a study."""
+    from orchestrator.study import Study
+
+    study = Study.from_yaml(args.file, _parse_sets(args.set or []) or None)
+    try:
+        study.run(
+            trials=args.trials,
+            concurrency=args.concurrency,
+            address=args.address,
+            output=args.output,
+            resume=args.resume,
+        )
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def cmd_trial(args: argparse.Namespace) -> int:
+    """Run one trial in-process (no Ray) and print its results as JSON."""
+    from defenses import defense_class
+    from orchestrator.search import _clip
+    from orchestrator.trial import run_trial
+
+    sets = _parse_sets(args.set or [])
+    raw_overrides = {}
+    defense = sets.pop("defense", None)
+    cfg = load_study(args.file)
+    if defense is None:
+        defense = "none" if "none" in cfg.defenses else next(iter(cfg.defenses))
+    if defense not in cfg.defenses:
+        raise StudyFileError(
+            f"--set defense={defense}: not one of the study's defenses ({', '.join(cfg.defenses)})"
+        )
+    params: dict[str, Any] = dict(cfg.constants(defense))
+    defaults = defense_class(defense).defaults()
+    for key, spec in cfg.search_ranges()[defense].items():
+        params[key] = _clip(spec, defaults[key])
+    for key, value in sets.items():
+        head, _, tail = key.partition(".")
+        if head == defense and tail:
+            if tail not in defaults:
+                raise StudyFileError(
+                    f"--set {key}: defense {defense!r} has no hyperparameter {tail!r}; "
+                    f"hyperparameters: {', '.join(defaults)}"
+                )
+            params[tail] = value
+        else:
+            raw_overrides[key] = value
+    if raw_overrides:
+        cfg = load_study(args.file, raw_overrides)
+    image_dir = Path(args.images) if args.images else None
+    outcome = run_trial(cfg, defense, params, image_dir=image_dir, device=args.device)
+    print(
+        json.dumps(
+            {
+                "defense": defense,
+                "params": params,
+                "device": outcome.device,
+                "metrics": outcome.metrics,
+                "rounds": outcome.rounds,
+            },
+            indent=2,
+            default=str,
+        )
+    )
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Print the Pareto table and write the plot from a study's Parquet files."""
+    from orchestrator.report import report
+
+    report(Path(args.dir))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """List datasets, models, defenses (with their search ranges), attacks and metrics."""
+    from attacks import attack_class, available_attacks
+    from defenses import available_defenses, defense_class
+    from fl import data, models
+    from orchestrator.metrics import known_metrics
+
+    print("datasets:", ", ".join(data.available()))
+    print("models:")
+    for name in models.available():
+        opts = ", ".join(f"{k}={v!r}" for k, v in models.options(name).items())
+        print(f"  {name}: {opts or '(no options)'}")
+    print("defenses:")
+    for name in available_defenses():
+        cls = defense_class(name)
+        print(f"  {name}: {(cls.__doc__ or '').strip().splitlines()[0]}")
+        for key, default in cls.defaults().items():
+            spec = cls.search_space.get(key)
+            rng = ""
+            if spec is not None:
+                rng = (
+                    f" search {list(spec.choices)}"
+                    if spec.type == "categorical"
+                    else f" search {spec.type} [{spec.low}, {spec.high}]"
+                    + (" log" if spec.log else "")
+                )
+            print(f"      {key} = {default!r}{rng}")
+    print("attacks:")
+    for name in available_attacks():
+        cls = attack_class(name)
+        kinds = "/".join(cls.requirements.kinds)
+        print(f"  {name} ({kinds}): {(cls.__doc__ or '').strip().splitlines()[0]}")
+    print("metrics (per attack: <attack>_psnr_max, ...):")
+    print("  " + ", ".join(known_metrics()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``python -m orchestrator``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m orchestrator",
+        description="Obscura: privacy-utility Pareto studies of federated-learning defenses.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("study", help="run a study (Ray Tune x Optuna, MLflow, Parquet)")
+    p.add_argument("file", help="study YAML file")
+    p.add_argument("--trials", type=int, help="number of trials (overrides search.trials)")
+    p.add_argument("--concurrency", type=int, help="trials at once (overrides search.concurrency)")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    p.add_argument("--output", help="output folder (overrides output)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted study")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a study key, e.g. --set data.root=../shared/data",
+    )
+    p.set_defaults(func=cmd_study)
+    p = sub.add_parser("trial", help="run one trial in-process (no Ray) and print JSON")
+    p.add_argument("file")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="defense=NAME, <defense>.<param>=V, or any study key (federation.rounds=2)",
+    )
+    p.add_argument("--device", help="device override (auto, cpu, cuda, cuda:1)")
+    p.add_argument("--images", help="folder for reconstruction grids (default: none written)")
+    p.set_defaults(func=cmd_trial)
+    p = sub.add_parser("validate", help="check a study file")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_validate)
+    p = sub.add_parser("report", help="print the Pareto table and write the plot of a study")
+    p.add_argument("dir", help="the study's output folder (output/<study>)")
+    p.set_defaults(func=cmd_report)
+    p = sub.add_parser("list", help="list datasets, models, defenses, attacks and metrics")
+    p.set_defaults(func=cmd_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except StudyFileError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (FileExistsError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        return 130

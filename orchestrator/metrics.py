@@ -1,0 +1,148 @@
+"""Trial metric names, their aggregation, and user-registered objectives.
+
+Names used in ``objectives``, Parquet columns and MLflow:
+
+- utility: ``test_accuracy``, ``test_balanced_accuracy``, ``test_macro_f1``, ``test_auroc``,
+  ``test_loss``, and ``accuracy_drop`` (the control's accuracy minus the trial's, filled in once
+  the ``none`` control has completed; not usable as a search objective);
+- privacy per attack (``<attack>`` is the attack's ``label`` or name): ``<attack>_psnr_mean``,
+  ``_psnr_max``, ``_ssim_mean``, ``_ssim_max``, ``_lpips_mean``, ``_lpips_min``,
+  ``_label_accuracy``, ``_success_rate``; and the same names with the prefix ``attack_`` for the
+  worst case over attacks (the maximum of PSNR, SSIM, label accuracy and success rate, the
+  minimum of LPIPS), computed over every image of every attacked round and victim;
+- ``epsilon`` (DP-SGD); cost: ``seconds_train``, ``seconds_attack``, ``peak_memory_mb``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+UTILITY = ("test_accuracy", "test_balanced_accuracy", "test_macro_f1", "test_auroc", "test_loss")
+DERIVED = ("accuracy_drop",)
+PRIVACY = (
+    "psnr_mean",
+    "psnr_max",
+    "ssim_mean",
+    "ssim_max",
+    "lpips_mean",
+    "lpips_min",
+    "label_accuracy",
+    "success_rate",
+)
+#: Worst case = best for the attacker: which way each privacy statistic is worse for privacy.
+WORST: dict[str, Literal["max", "min"]] = {
+    "psnr_mean": "max",
+    "psnr_max": "max",
+    "ssim_mean": "max",
+    "ssim_max": "max",
+    "lpips_mean": "min",
+    "lpips_min": "min",
+    "label_accuracy": "max",
+    "success_rate": "max",
+}
+OTHER = ("epsilon", "seconds_train", "seconds_attack", "peak_memory_mb")
+
+
+@dataclass(frozen=True)
+class CustomObjective:
+    """A user objective: a function of a trial's result returning a number."""
+
+    name: str
+    fn: Callable[[dict[str, Any]], float]
+    description: str = ""
+
+
+_CUSTOM: dict[str, CustomObjective] = {}
+
+
+def register_objective(
+    name: str, fn: Callable[[dict[str, Any]], float] | None = None, *, description: str = ""
+) -> Any:
+    """Register a custom objective usable by name in a study's ``objectives``.
+
+    ``fn(result)`` receives a dict with ``metrics`` (every metric above), ``rounds`` (a list of
+    per-round dicts) and ``attacks`` (a list of per-image attack records) and returns a float.
+    Usable as ``register_objective("name", fn)`` or as a decorator ``@register_objective("name")``.
+    """
+
+    def deco(f: Callable[[dict[str, Any]], float]) -> Callable[[dict[str, Any]], float]:
+        if name in builtin_names() and name not in _CUSTOM:
+            raise ValueError(f"{name!r} is a built-in metric name; choose another name")
+        _CUSTOM[name] = CustomObjective(name, f, description)
+        return f
+
+    return deco(fn) if fn is not None else deco
+
+
+def custom_objectives() -> dict[str, CustomObjective]:
+    """The registered custom objectives by name."""
+    return dict(_CUSTOM)
+
+
+def builtin_names(attacks: Sequence[str] = ()) -> list[str]:
+    """The built-in metric names for a study with these attack labels."""
+    names = list(UTILITY) + list(DERIVED) + [f"attack_{p}" for p in PRIVACY] + list(OTHER)
+    for a in attacks:
+        names += [f"{a}_{p}" for p in PRIVACY]
+    return names
+
+
+def known_metrics(attacks: Sequence[str] = ()) -> list[str]:
+    """Every metric name a trial reports: built-ins plus custom objectives."""
+    return builtin_names(attacks) + sorted(_CUSTOM)
+
+
+def validate_metric(name: str, attacks: Sequence[str]) -> None:
+    """Raise ``ValueError`` listing the known names when ``name`` cannot be an objective."""
+    if name in DERIVED:
+        raise ValueError(
+            f"{name!r} is derived after the study (it needs the control); use 'test_accuracy'"
+        )
+    if name not in known_metrics(attacks):
+        known = ", ".join(n for n in known_metrics(attacks) if n not in DERIVED)
+        raise ValueError(f"unknown metric {name!r}; known metrics: {known}")
+
+
+def _clean(value: float | None) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def attack_summary(
+    images: Iterable[dict[str, Any]], success_psnr: float
+) -> dict[str, float | None]:
+    """Per-attack statistics over every attacked image (all rounds and victims)."""
+    rows = list(images)
+    if not rows:
+        return {p: None for p in PRIVACY}
+    psnr = [r["psnr"] for r in rows]
+    ssim = [r["ssim"] for r in rows]
+    lpips = [r["lpips"] for r in rows if r.get("lpips") is not None]
+    labels = [bool(r["label_correct"]) for r in rows if r.get("label_correct") is not None]
+    return {
+        "psnr_mean": _clean(sum(psnr) / len(psnr)),
+        "psnr_max": _clean(max(psnr)),
+        "ssim_mean": _clean(sum(ssim) / len(ssim)),
+        "ssim_max": _clean(max(ssim)),
+        "lpips_mean": _clean(sum(lpips) / len(lpips)) if lpips else None,
+        "lpips_min": _clean(min(lpips)) if lpips else None,
+        "label_accuracy": (sum(labels) / len(labels)) if labels else None,
+        "success_rate": sum(p >= success_psnr for p in psnr) / len(psnr),
+    }
+
+
+def worst_case(per_attack: dict[str, dict[str, float | None]]) -> dict[str, float | None]:
+    """``attack_*`` metrics: the worst case for privacy over the attacks."""
+    out: dict[str, float | None] = {}
+    for stat, direction in WORST.items():
+        values = [v[stat] for v in per_attack.values() if v.get(stat) is not None]
+        if not values:
+            out[f"attack_{stat}"] = None
+        else:
+            out[f"attack_{stat}"] = max(values) if direction == "max" else min(values)  # type: ignore[type-var]
+    return out

@@ -1,0 +1,84 @@
+"""The Optuna side of a study: samplers, the define-by-run space, the first points."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optuna
+
+from defenses import ParamSpec, defense_class
+from orchestrator.config import StudyConfig
+
+SAMPLERS = {
+    "nsga2": lambda seed: optuna.samplers.NSGAIISampler(seed=seed),
+    "tpe": lambda seed: optuna.samplers.TPESampler(seed=seed, multivariate=True),
+    "gp": lambda seed: optuna.samplers.GPSampler(seed=seed),
+    "random": lambda seed: optuna.samplers.RandomSampler(seed=seed),
+}
+
+
+def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
+    """The Optuna sampler of a study, seeded with the study seed."""
+    return SAMPLERS[name](seed)
+
+
+def suggest(trial: Any, name: str, spec: ParamSpec) -> Any:
+    """Ask ``trial`` for one value of ``spec``."""
+    if spec.type == "float":
+        return trial.suggest_float(name, float(spec.low), float(spec.high), log=spec.log)
+    if spec.type == "int":
+        return trial.suggest_int(name, int(spec.low), int(spec.high), log=spec.log)
+    return trial.suggest_categorical(name, list(spec.choices or ()))
+
+
+class DefineByRun:
+    """The conditional space: the defense is a categorical choice and its hyperparameters are
+    asked for only when it is chosen (named ``<defense>.<hyperparameter>``). A picklable
+    callable, since Ray Tune checkpoints the searcher."""
+
+    def __init__(self, names: list[str], ranges: dict[str, dict[str, ParamSpec]]) -> None:
+        self.names = names
+        self.ranges = ranges
+
+    def __call__(self, trial: Any) -> None:
+        defense = trial.suggest_categorical("defense", self.names)
+        for key, spec in self.ranges[defense].items():
+            suggest(trial, f"{defense}.{key}", spec)
+
+
+def define_by_run(config: StudyConfig) -> DefineByRun:
+    """The study's define-by-run space (see :class:`DefineByRun`)."""
+    return DefineByRun(list(config.defenses), config.search_ranges())
+
+
+def _clip(spec: ParamSpec, value: Any) -> Any:
+    if spec.type == "categorical":
+        return value if value in (spec.choices or ()) else (spec.choices or (value,))[0]
+    lo, hi = float(spec.low), float(spec.high)  # type: ignore[arg-type]
+    v = min(max(float(value), lo), hi)
+    return round(v) if spec.type == "int" else v
+
+
+def initial_points(config: StudyConfig) -> list[dict[str, Any]]:
+    """The first trials: the ``none`` control (when listed) and every defense at its defaults
+    (clipped into the study's range where the default lies outside it)."""
+    order = sorted(config.defenses, key=lambda d: (d != "none", list(config.defenses).index(d)))
+    points = []
+    for defense in order:
+        point: dict[str, Any] = {"defense": defense}
+        defaults = defense_class(defense).defaults()
+        for key, spec in config.search_ranges()[defense].items():
+            point[f"{defense}.{key}"] = _clip(spec, defaults[key])
+        points.append(point)
+    return points[: config.search.trials]
+
+
+def trial_params(config: StudyConfig, tune_config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The defense and its hyperparameters (study constants + searched values) of a trial."""
+    defense = str(tune_config["defense"])
+    params = dict(config.constants(defense))
+    prefix = defense + "."
+    for key, value in tune_config.items():
+        if key.startswith(prefix):
+            params[key[len(prefix) :]] = value
+    return defense, params

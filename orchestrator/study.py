@@ -1,0 +1,267 @@
+"""Running a study: Ray Tune trials, proposed by Optuna, tracked in MLflow and Parquet.
+
+Each Ray Tune trial runs :func:`orchestrator.trial.run_trial` with the resources of the study's
+``resources`` section. Optuna (through Ray Tune's ``OptunaSearch``, multi-objective) proposes the
+defense and its hyperparameters from a define-by-run space; its study lives in
+``<output>/<study>/optuna.db`` so it can be resumed and inspected with Optuna's own tools. A
+driver-side callback writes each finished trial to MLflow (parent run = study, child run = trial)
+and to the Parquet files, one atomic write at a time. At the end the Pareto front over the
+study's objectives is computed, printed, plotted to ``pareto.png`` and logged.
+
+Resuming (``--resume``) starts a new Tune run for the trials still missing, on the same Optuna
+storage, Parquet files and MLflow parent run: a trial interrupted by a killed driver is marked
+failed in Optuna, dropped from Parquet and its MLflow run marked KILLED, and then run again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pandas as pd
+
+from orchestrator.config import StudyConfig, dump_study, load_study
+from orchestrator.search import define_by_run, initial_points, make_sampler, trial_params
+
+
+@dataclass
+class StudyResults:
+    """What a finished study returns: every trial, the Pareto front and its hypervolume."""
+
+    trials: pd.DataFrame
+    front: pd.DataFrame
+    hypervolume: float | None
+    folder: Path
+
+
+def _nan_to_none(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _trainable(tune_config: dict[str, Any], study_raw: dict[str, Any], customs: dict) -> None:
+    """The function every Ray Tune trial runs (module level so Ray can ship it)."""
+    import ray
+    from ray import tune
+
+    from orchestrator.registry import restore_customs
+    from orchestrator.trial import run_trial
+
+    restore_customs(customs)
+    config = StudyConfig.model_validate(study_raw)
+    defense, params = trial_params(config, tune_config)
+    trial_id = tune.get_context().get_trial_id() or "local"
+    image_dir = None
+    if config.tracking.log_images != "none":
+        image_dir = config.folder / "images" / trial_id
+    outcome = run_trial(config, defense, params, image_dir=image_dir)
+    report: dict[str, Any] = {
+        k: (float("nan") if v is None else float(v)) for k, v in outcome.metrics.items()
+    }
+    report.update(
+        defense=defense,
+        device=outcome.device,
+        gpu_ids=json.dumps([str(g) for g in ray.get_gpu_ids()]),
+        params_json=json.dumps(params, default=str),
+        rounds_json=json.dumps(outcome.rounds),
+        attacks_json=json.dumps(outcome.attacks),
+        images_json=json.dumps([str(p) for p in outcome.images]),
+    )
+    tune.report(report)
+
+
+class Study:
+    """A privacy–utility study (the Python API behind ``python -m orchestrator study``).
+
+    ```python
+    from orchestrator import Study
+    study = Study.from_yaml("studies/quickstart.yaml")
+    results = study.run(trials=4)
+    results.front          # the Pareto-optimal trials (a DataFrame)
+    ```
+    """
+
+    def __init__(self, config: StudyConfig) -> None:
+        self.config = config
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> Study:
+        """Load and validate a study file (``overrides``: dotted keys, e.g. ``search.trials``)."""
+        return cls(load_study(path, overrides))
+
+    @property
+    def folder(self) -> Path:
+        """The study's output folder."""
+        return self.config.folder
+
+    def run(
+        self,
+        *,
+        trials: int | None = None,
+        concurrency: int | None = None,
+        address: str | None = None,
+        output: str | Path | None = None,
+        resume: bool = False,
+        verbose: int = 1,
+    ) -> StudyResults:
+        """Run the study (or, with ``resume``, its missing trials) and return the results."""
+        from ray import tune
+
+        from orchestrator.callback import StudyCallback
+        from orchestrator.registry import capture_customs
+        from orchestrator.results import ResultStore
+        from orchestrator.summary import summarise
+        from orchestrator.tracking import StudyTracker
+
+        cfg = self.config
+        if trials is not None:
+            cfg.search.trials = trials
+        if concurrency is not None:
+            cfg.search.concurrency = concurrency
+        if output is not None:
+            cfg.output = Path(output).expanduser().resolve()
+        folder = cfg.folder
+        if not resume and (folder / "trials.parquet").exists():
+            raise FileExistsError(
+                f"{folder} already holds a study; add --resume to continue it, or choose "
+                "another --output or study name"
+            )
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "study.yaml").write_text(dump_study(cfg))
+
+        store = ResultStore(folder)
+        tracker = StudyTracker(cfg.tracking.mlflow_uri, cfg.study, folder, resume=resume)
+        storage = f"sqlite:///{folder / 'optuna.db'}"
+        done, points = self._reconcile(store, storage, resume)
+        remaining = cfg.search.trials - done
+        if not resume or tracker_is_new(tracker):
+            tracker.log_study(_flat_params(cfg), dump_study(cfg))
+        if remaining > 0:
+            self._start_ray(address)
+            searcher = _searcher(cfg, storage, points)
+            trainable = tune.with_resources(
+                tune.with_parameters(
+                    _trainable, study_raw=cfg.model_dump(mode="json"), customs=capture_customs()
+                ),
+                {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu},
+            )
+            callback = StudyCallback(cfg, store, tracker, first_number=done)
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(
+                    search_alg=searcher,
+                    num_samples=remaining,
+                    max_concurrent_trials=cfg.search.concurrency,
+                    reuse_actors=False,
+                ),
+                run_config=tune.RunConfig(
+                    name=f"{cfg.study}-{done}",
+                    storage_path=str(folder / "ray"),
+                    callbacks=[callback],
+                    failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures),
+                    verbose=verbose,
+                ),
+            )
+            try:
+                tuner.fit()
+            except KeyboardInterrupt:
+                tracker.interrupt()
+                print(
+                    f"\nStudy interrupted. Completed trials are saved in {folder}.\n"
+                    f"Resume with: python -m orchestrator study <study file> --resume"
+                    + (f" --output {cfg.output}" if output else ""),
+                    file=sys.stderr,
+                )
+                raise
+        return summarise(cfg, store, tracker)
+
+    def _reconcile(self, store: Any, storage: str, resume: bool) -> tuple[int, list[dict]]:
+        """On resume: drop interrupted trials everywhere; count what is done; the first points
+        still to evaluate."""
+        cfg = self.config
+        points = initial_points(cfg)
+        if not resume:
+            return 0, points
+        df = store.trials()
+        interrupted = [] if df.empty else list(df.loc[df["status"] == "running", "trial_id"])
+        store.remove_trials(interrupted)
+        try:
+            ot_study = optuna.load_study(study_name=cfg.study, storage=storage)
+        except KeyError:
+            ot_study = None
+        waiting: set[str] = set()
+        if ot_study is not None:
+            for t in ot_study.get_trials(deepcopy=False):
+                if t.state == optuna.trial.TrialState.RUNNING:
+                    ot_study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+                elif t.state == optuna.trial.TrialState.WAITING:
+                    fixed = t.system_attrs.get("fixed_params", {})
+                    waiting.add(str(fixed.get("defense")))
+        df = store.trials()
+        done = 0 if df.empty else int((df["status"] == "completed").sum())
+        seen = set()
+        if not df.empty:
+            for _, row in df[df["status"] == "completed"].iterrows():
+                seen.add(str(row["defense"]))
+        points = [p for p in points if p["defense"] not in seen | waiting]
+        return done, points
+
+    @staticmethod
+    def _start_ray(address: str | None) -> None:
+        import ray
+
+        if ray.is_initialized():
+            return
+        target = address or os.environ.get("RAY_ADDRESS")
+        try:
+            if target:
+                ray.init(address=target, log_to_driver=True)
+            else:
+                ray.init(include_dashboard=False, log_to_driver=True, configure_logging=False)
+        except ConnectionError as err:
+            raise ConnectionError(
+                f"cannot reach the Ray cluster at {target!r}: {err}. Start it with "
+                "`ray start --head` or drop --address to run locally"
+            ) from err
+
+
+def tracker_is_new(tracker: Any) -> bool:
+    """Whether the parent run has no parameters yet (a fresh study)."""
+    return not tracker.client.get_run(tracker.parent_run_id).data.params
+
+
+def _searcher(cfg: StudyConfig, storage: str, points: list[dict]) -> Any:
+    from ray.tune.search.optuna import OptunaSearch
+
+    return OptunaSearch(
+        space=define_by_run(cfg),
+        metric=[o.metric for o in cfg.objectives],
+        mode=[o.mode for o in cfg.objectives],
+        points_to_evaluate=points or None,
+        sampler=make_sampler(cfg.search.sampler, cfg.seed),
+        study_name=cfg.study,
+        storage=optuna.storages.RDBStorage(storage),
+    )
+
+
+def _flat_params(cfg: StudyConfig) -> dict[str, Any]:
+    return {
+        "dataset": cfg.data.dataset,
+        "image_size": cfg.data.image_size,
+        "model": cfg.model.name,
+        **{f"model.{k}": v for k, v in cfg.model.options().items()},
+        **{f"federation.{k}": v for k, v in cfg.federation.model_dump().items()},
+        "defenses": ",".join(cfg.defenses),
+        "attacks": ",".join(a.key for a in cfg.attacks),
+        "objectives": ",".join(f"{o.metric}:{o.mode}" for o in cfg.objectives),
+        "sampler": cfg.search.sampler,
+        "trials": cfg.search.trials,
+        "seed": cfg.seed,
+    }

@@ -1,0 +1,184 @@
+"""One trial: a full federated run with one defense configuration, then the configured attacks.
+
+:func:`run_trial` is what a Ray Tune trial executes (and ``python -m orchestrator trial`` runs
+in-process). It returns a :class:`TrialOutcome` with the trial's metrics (names in
+:mod:`orchestrator.metrics`), its per-round history, one record per attacked image, and the
+paths of the image grids it wrote (only as ``tracking.log_images`` allows).
+"""
+
+from __future__ import annotations
+
+import functools
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from attacks import get_attack
+from attacks.metrics import score
+from attacks.plots import save_pair_grid
+from defenses import get_defense
+from fl import data as fl_data
+from fl import models as fl_models
+from fl.simulation import CaptureConfig, RoundRecord, Simulator, resolve_device
+from orchestrator.config import StudyConfig
+from orchestrator.metrics import attack_summary, custom_objectives, worst_case
+
+
+@dataclass
+class TrialOutcome:
+    """Everything a trial produced."""
+
+    metrics: dict[str, float | None]
+    rounds: list[dict[str, Any]]
+    attacks: list[dict[str, Any]]
+    images: list[Path] = field(default_factory=list)
+    device: str = "cpu"
+
+
+@functools.lru_cache(maxsize=4)
+def _load_split(dataset: str, root: str, split: str, download: bool, size: int | None) -> Any:
+    """Datasets are loaded once per process (a Ray worker may run several trials)."""
+    return fl_data.load(dataset, root=root, split=split, download=download, image_size=size)
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def run_trial(
+    config: StudyConfig,
+    defense: str,
+    params: dict[str, Any],
+    *,
+    image_dir: Path | None = None,
+    device: str | None = None,
+    on_round: Callable[[RoundRecord], None] | None = None,
+) -> TrialOutcome:
+    """Run one trial of ``config`` with ``defense`` at ``params`` (over its defaults).
+
+    Seeds torch from the study seed so that trials differ only by their defense configuration.
+    Attacks see only the captured observations, restricted to each attack's capabilities;
+    scoring uses the ground truth (the clients' ORIGINAL images) with the canonical protocol.
+    """
+    dev = resolve_device(device or config.device)
+    if config.lpips_backbone is not None:
+        from attacks.lpips_net import configure
+
+        configure(backbone_path=config.lpips_backbone)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    d = config.data
+    train = _load_split(d.dataset, str(d.root), "train", d.download, d.image_size)
+    test = _load_split(d.dataset, str(d.root), "test", d.download, d.image_size)
+    torch.manual_seed(config.seed)
+    model = fl_models.build(
+        config.model.name,
+        channels=train.channels,
+        classes=train.info.num_classes,
+        image_size=train.image_size[0],
+        **config.model.options(),
+    )
+    hooks = get_defense(defense, **params)
+    rounds = sorted({r for a in config.attacks for r in a.rounds})
+    victims = max(a.victims for a in config.attacks)
+    capture = CaptureConfig(rounds=rounds, victims=victims, reveal_labels=True)
+
+    t0 = time.perf_counter()
+    sim = Simulator(
+        model,
+        train,
+        config.federation,
+        test=test,
+        hooks=hooks,
+        capture=capture,
+        device=dev,
+        seed=config.seed,
+        on_round=on_round,
+    )
+    result = sim.run()
+    seconds_train = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    records: list[dict[str, Any]] = []
+    per_attack: dict[str, dict[str, float | None]] = {}
+    images: list[Path] = []
+    victim_rank: dict[tuple[int, int], int] = {}
+    for rnd, clients in ((r.round, r.clients) for r in result.history):
+        for rank, client in enumerate(clients):
+            victim_rank[(rnd, client)] = rank
+    for spec in config.attacks:
+        attack = get_attack(spec.name, seed=config.seed, **spec.params)
+        rows: list[dict[str, Any]] = []
+        for obs, truth in result.captures:
+            if obs.round not in spec.rounds or victim_rank[(obs.round, obs.client)] >= spec.victims:
+                continue
+            t1 = time.perf_counter()
+            rec = attack.run(obs, spec.capabilities)
+            seconds = time.perf_counter() - t1
+            s = score(rec, truth, success_psnr=config.success_psnr, device=str(dev))
+            for img in s["per_image"]:
+                rows.append(
+                    {
+                        "attack": spec.key,
+                        "round": obs.round,
+                        "client": obs.client,
+                        "image_index": int(img["index"]),
+                        "psnr": float(img["psnr"]),
+                        "ssim": float(img["ssim"]),
+                        "lpips": None if img.get("lpips") is None else float(img["lpips"]),
+                        "label_correct": img.get("label_correct"),
+                        "seconds": seconds,
+                        "diverged": bool(rec.diverged),
+                    }
+                )
+            if image_dir is not None and config.tracking.log_images != "none":
+                order = s["assignment"]
+                rec_sorted = rec.images[order]
+                name = f"{spec.key}_round{obs.round}_client{obs.client}.png"
+                psnrs = [float(i["psnr"]) for i in s["per_image"]]
+                truth_images = truth.images if config.tracking.log_images == "pairs" else None
+                images.append(
+                    save_pair_grid(
+                        truth_images,
+                        rec_sorted,
+                        image_dir / name,
+                        psnr=psnrs,
+                        title=f"{spec.key}, round {obs.round}, client {obs.client}",
+                    )
+                )
+        per_attack[spec.key] = attack_summary(rows, config.success_psnr)
+        records.extend(rows)
+    seconds_attack = time.perf_counter() - t0
+
+    final = result.final_metrics
+    metrics: dict[str, float | None] = {
+        f"test_{k}": (None if v is None else float(v)) for k, v in final.items()
+    }
+    for key, summary in per_attack.items():
+        metrics.update({f"{key}_{k}": v for k, v in summary.items()})
+    metrics.update(worst_case(per_attack))
+    delta = getattr(hooks.params, "delta", 1e-5)  # a DP defense's own delta, else 1e-5
+    metrics["epsilon"] = hooks.epsilon(float(delta))
+    metrics["seconds_train"] = seconds_train
+    metrics["seconds_attack"] = seconds_attack
+    metrics["peak_memory_mb"] = _peak_memory_mb(dev)
+    rounds_rows = [
+        {
+            "round": r.round,
+            "train_loss": r.train_loss,
+            "seconds": r.seconds,
+            **{f"test_{k}": v for k, v in r.metrics.items()},
+        }
+        for r in result.history
+    ]
+    for name, objective in custom_objectives().items():
+        value = objective.fn({"metrics": dict(metrics), "rounds": rounds_rows, "attacks": records})
+        metrics[name] = None if value is None else float(value)
+    return TrialOutcome(metrics, rounds_rows, records, images, str(dev))

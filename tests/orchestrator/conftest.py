@@ -1,0 +1,77 @@
+"""A tiny but real study for the orchestrator tests (real data, real Ray, real MLflow)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+
+def tiny_raw(tmp_path: Path, shared_dir: Path) -> dict[str, Any]:
+    """Four trials of seconds each: MLP on 16 px PneumoniaMNIST, FedSGD, iDLG."""
+    return {
+        "study": "tiny",
+        "seed": 0,
+        "data": {"dataset": "pneumoniamnist", "root": str(shared_dir / "data"), "image_size": 16},
+        "model": {"name": "mlp", "hidden": [16]},
+        "federation": {
+            "algorithm": "fedsgd",
+            "clients": 2,
+            "clients_per_round": 2,
+            "rounds": 2,
+            "batch_size": 2,
+            "lr": 0.1,
+            "partition": {"scheme": "iid", "max_per_client": 16},
+        },
+        "defenses": {
+            "none": {},
+            "gradient_noise": {"scale": {"type": "float", "low": 1e-3, "high": 1e-1, "log": True}},
+            "prune": {"percent": {"type": "float", "low": 10, "high": 90}},
+        },
+        "attacks": [{"name": "idlg", "rounds": [0], "victims": 1, "params": {"iterations": 2}}],
+        "objectives": [
+            {"metric": "test_accuracy", "mode": "max"},
+            {"metric": "attack_psnr_max", "mode": "min"},
+        ],
+        "search": {"sampler": "random", "trials": 4, "concurrency": 2},
+        "tracking": {"mlflow_uri": f"sqlite:///{tmp_path}/mlflow.db", "log_images": "pairs"},
+        "output": str(tmp_path / "results"),
+        "lpips_backbone": str(shared_dir / "weights" / "lpips_alexnet_features.pth"),
+    }
+
+
+@pytest.fixture
+def tiny_study(tmp_path: Path, shared_dir: Path):
+    """A function writing the tiny study (with changes) to a YAML file and returning its path."""
+
+    def write(changes: dict[str, Any] | None = None, name: str = "study.yaml") -> Path:
+        raw = copy.deepcopy(tiny_raw(tmp_path, shared_dir))
+        for key, value in (changes or {}).items():
+            node = raw
+            parts = key.split(".")
+            for part in parts[:-1]:
+                node = node[part]
+            if value is _DELETE:
+                node.pop(parts[-1], None)
+            else:
+                node[parts[-1]] = value
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(raw))
+        return path
+
+    return write
+
+
+class _Delete:
+    """Marker: remove the key."""
+
+
+_DELETE = _Delete()
+
+
+@pytest.fixture
+def delete() -> _Delete:
+    return _DELETE

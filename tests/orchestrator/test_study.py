@@ -1,0 +1,163 @@
+"""End to end: a real study on local Ray, with Parquet, MLflow, the Pareto flag and resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from orchestrator import Study
+from orchestrator.config import load_study
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _children(uri: str, study: str) -> tuple[object, list]:
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(study)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return parents, children
+
+
+def test_study_end_to_end_on_local_ray(tiny_study, local_ray) -> None:
+    cfg = load_study(tiny_study())
+    results = Study(cfg).run(verbose=0)
+    folder = cfg.folder
+    trials = pd.read_parquet(folder / "trials.parquet")
+    assert len(trials) == 4 and trials["trial_id"].is_unique
+    assert (trials["status"] == "completed").all()
+    # the first trials are the control and each defense at its defaults
+    assert set(trials["defense"]) == {"none", "gradient_noise", "prune"}
+    for metric in ("test_accuracy", "attack_psnr_max"):
+        assert trials[metric].notna().all()
+        assert all(math.isfinite(v) for v in trials[metric])
+    assert trials["pareto"].any()
+    assert set(results.front["trial_id"]) == set(trials.loc[trials["pareto"], "trial_id"])
+    assert trials["accuracy_drop"].notna().all()
+    rounds = pd.read_parquet(folder / "rounds.parquet")
+    assert len(rounds) == 4 * 2 and set(rounds["round"]) == {0, 1}
+    attacks = pd.read_parquet(folder / "attacks.parquet")
+    assert len(attacks) == 4 * 2  # one victim of batch 2 per trial
+    assert attacks["psnr"].notna().all() and attacks["lpips"].notna().all()
+    assert (folder / "pareto.png").stat().st_size > 0
+    assert (folder / "optuna.db").exists()
+    parents, children = _children(cfg.tracking.mlflow_uri, cfg.study)
+    assert len(parents) == 1 and len(children) == 4
+    assert {c.info.run_id for c in children} == set(trials["mlflow_run_id"])
+    client = MlflowClient(tracking_uri=cfg.tracking.mlflow_uri)
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert child.data.tags["defense"] in {"none", "gradient_noise", "prune"}
+        assert "test_accuracy" in child.data.metrics
+        assert [a.path for a in client.list_artifacts(child.info.run_id, "images")]
+        history = client.get_metric_history(child.info.run_id, "test_accuracy")
+        assert sorted(m.step for m in history) == [0, 1]  # step = round
+        last = max(history, key=lambda m: m.step).value
+        assert last == pytest.approx(child.data.metrics["test_accuracy"])
+    assert parents[0].info.status == "FINISHED"
+
+
+def test_fake_gpus_are_assigned_and_trials_fall_back_to_cpu(tiny_study) -> None:
+    import ray
+
+    ray.shutdown()
+    ray.init(
+        num_cpus=4,
+        num_gpus=2,
+        include_dashboard=False,
+        configure_logging=False,
+        log_to_driver=False,
+    )
+    try:
+        cfg = load_study(
+            tiny_study({"resources": {"cpu": 0.5, "gpu": 0.5}, "search.concurrency": 4})
+        )
+        Study(cfg).run(verbose=0)
+    finally:
+        ray.shutdown()
+    _, children = _children(cfg.tracking.mlflow_uri, cfg.study)
+    ids = [json.loads(child.data.tags["gpu_ids"]) for child in children]
+    assert all(len(i) == 1 for i in ids)
+    counts: dict[str, int] = {}
+    for (gpu,) in ids:
+        counts[gpu] = counts.get(gpu, 0) + 1
+    assert set(counts) == {"0", "1"} and max(counts.values()) <= 2
+    expected = "cuda:0" if _cuda() else "cpu"
+    assert {child.data.tags["device"] for child in children} == {expected}
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.slow
+def test_killed_study_resumes_to_exactly_the_requested_trials(tiny_study) -> None:
+    """SIGKILL the driver after its first completed trial; --resume finishes the study."""
+    path = tiny_study({"search.concurrency": 1})
+    cfg = load_study(path)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "study", str(path)],
+        cwd=ROOT,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    trials_file = cfg.folder / "trials.parquet"
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline:
+            if trials_file.exists():
+                df = pd.read_parquet(trials_file)
+                if (df["status"] == "completed").sum() >= 1:
+                    break
+            time.sleep(0.5)
+        else:
+            pytest.fail("the first trial did not complete in time")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    resumed = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "study", str(path), "--resume"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    df = pd.read_parquet(trials_file)
+    assert df["trial_id"].is_unique
+    assert (df["status"] == "completed").sum() == 4 and len(df) == 4
+    parents, children = _children(cfg.tracking.mlflow_uri, cfg.study)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    finished = [c for c in children if c.info.status == "FINISHED"]
+    assert len(finished) == 4
+    assert not [c for c in children if c.info.status == "RUNNING"]
+    import optuna
+
+    study = optuna.load_study(study_name=cfg.study, storage=f"sqlite:///{cfg.folder}/optuna.db")
+    states = [t.state for t in study.get_trials()]
+    assert optuna.trial.TrialState.RUNNING not in states
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 4
