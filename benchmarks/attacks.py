@@ -54,6 +54,18 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="iterations for every attack (default: per attack, see CASES)",
     )
+    parser.add_argument(
+        "--lbfgs-iterations",
+        type=int,
+        default=None,
+        help="L-BFGS steps of dlg, idlg, dlm, dlm_plus (overrides --iterations)",
+    )
+    parser.add_argument(
+        "--adam-iterations",
+        type=int,
+        default=None,
+        help="Adam iterations of inverting_gradients (overrides --iterations)",
+    )
     parser.add_argument("--models", nargs="+", default=["lenet", "convnet"])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 4])
     parser.add_argument("--attacks", nargs="+", default=[c[0] for c in CASES])
@@ -94,7 +106,10 @@ def main(argv: list[str] | None = None) -> int:
                     lr=0.01,
                     local_steps=1,
                 )
-                iters = args.iterations or default_iters
+                kind_iters = (
+                    args.adam_iterations if name == "inverting_gradients" else args.lbfgs_iterations
+                )
+                iters = kind_iters or args.iterations or default_iters
                 attack = get_attack(name, iterations=iters, seed=0, **extra)
                 caps = BLIND if name in ("dlm", "dlm_plus") else None
                 rec = attack.run(obs, caps)

@@ -34,7 +34,7 @@ def _parse_sets(items: list[str]) -> dict[str, Any]:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     """Validate a study file and summarise it."""
-    cfg = load_study(args.file)
+    cfg = load_study(args.file, smoke=args.smoke)
     ranges = cfg.search_ranges()
     print(f"{args.file}: valid study {cfg.study!r}")
     print(f"  data: {cfg.data.dataset} ({cfg.data.root}), model: {cfg.model.name}")
@@ -59,7 +59,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     """Run (or resume) a study."""
     from orchestrator.study import Study
 
-    study = Study.from_yaml(args.file, _parse_sets(args.set or []) or None)
+    study = Study.from_yaml(args.file, _parse_sets(args.set or []) or None, smoke=args.smoke)
     try:
         study.run(
             trials=args.trials,
@@ -128,7 +128,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     """Print the Pareto table and write the plot from a study's Parquet files."""
     from orchestrator.report import report
 
-    report(Path(args.dir))
+    report(Path(args.dir), utility_loss=args.utility_loss)
     return 0
 
 
@@ -203,9 +203,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_trial)
     p = sub.add_parser("validate", help="check a study file")
     p.add_argument("file")
+    p.add_argument("--smoke", action="store_true", help="validate the --smoke version")
     p.set_defaults(func=cmd_validate)
-    p = sub.add_parser("report", help="print the Pareto table and write the plot of a study")
+    p = sub.add_parser(
+        "report", help="write report.html and report.md (Pareto table, plot, best trials, images)"
+    )
     p.add_argument("dir", help="the study's output folder (output/<study>)")
+    p.add_argument(
+        "--utility-loss",
+        type=float,
+        default=0.01,
+        help="utility a defense may lose against the control (default 0.01 = 1 point)",
+    )
     p.set_defaults(func=cmd_report)
     p = sub.add_parser("list", help="list datasets, models, defenses, attacks and metrics")
     p.set_defaults(func=cmd_list)

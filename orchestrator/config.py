@@ -360,8 +360,12 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def load_study(path: str | Path, overrides: dict[str, Any] | None = None) -> StudyConfig:
-    """Read and validate a study file; raise :class:`StudyFileError` with a readable message."""
+def load_study(
+    path: str | Path, overrides: dict[str, Any] | None = None, *, smoke: bool = False
+) -> StudyConfig:
+    """Read and validate a study file; raise :class:`StudyFileError` with a readable message.
+
+    ``overrides`` set dotted keys after ``smoke`` (see :mod:`orchestrator.smoke`) shrank it."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -375,6 +379,10 @@ def load_study(path: str | Path, overrides: dict[str, Any] | None = None) -> Stu
         raise StudyFileError(
             f"{path}: a study file must be a YAML mapping (found {type(raw).__name__})"
         )
+    if smoke:
+        from orchestrator.smoke import smoke as shrink
+
+        raw = shrink(raw)
     if overrides:
         raw = apply_overrides(raw, overrides)
     plugins = raw.get("plugins") or []

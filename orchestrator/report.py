@@ -1,20 +1,356 @@
-"""``python -m orchestrator report DIR``: the Pareto table and plot from a study's files."""
+"""``python -m orchestrator report DIR``: the study's report as ``report.html`` and ``report.md``.
+
+The HTML is one self-contained file (images embedded as base64 PNG, inline CSS, no script, no
+network) that opens in a browser without a server. Both files hold: the study's settings; the
+Pareto plot (utility vs privacy, one colour per defense, the front drawn, the control marked);
+the Pareto-optimal trials with their hyperparameters and hypervolume; for each defense the best
+trial within a utility loss (default 1 point) of the ``none`` control; reconstruction grids of
+the control and of each defense's best trial, per attack, when images were logged; attack
+success rates; epsilon where it applies; and the study's cost.
+"""
 
 from __future__ import annotations
 
+import base64
+import html
+import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from orchestrator.config import StudyFileError, load_study
+import pandas as pd
+
+from orchestrator.config import StudyConfig, StudyFileError, load_study
+from orchestrator.results import atomic_write
 
 
-def report(folder: Path) -> None:
-    """Recompute the front from ``trials.parquet``, print it and write ``pareto.png``."""
+@dataclass
+class Choice:
+    """The best trial of one defense within the utility budget (or why there is none)."""
+
+    defense: str
+    trial: pd.Series | None
+    note: str
+
+
+def _fmt(v: Any, digits: int = 4) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+def _objectives(cfg: StudyConfig) -> tuple[Any, Any]:
+    """The utility objective (first ``max``) and the privacy objective (first ``min``)."""
+    objs = cfg.objectives
+    utility = next((o for o in objs if o.mode == "max"), objs[0])
+    privacy = next((o for o in objs if o.mode == "min" and o is not utility), objs[-1])
+    return utility, privacy
+
+
+def best_within_budget(df: pd.DataFrame, cfg: StudyConfig, utility_loss: float) -> list[Choice]:
+    """For each defense, the completed trial with the best privacy whose utility is at most
+    ``utility_loss`` below the best completed ``none`` control."""
+    utility, privacy = _objectives(cfg)
+    done = df[df["status"] == "completed"]
+    control = done[done["defense"] == "none"]
+    base = float(control[utility.metric].max()) if not control.empty else None
+    choices = []
+    for defense in cfg.defenses:
+        rows = done[done["defense"] == defense].dropna(subset=[utility.metric, privacy.metric])
+        if rows.empty:
+            choices.append(Choice(defense, None, "no completed trial"))
+            continue
+        if base is not None and defense != "none":
+            ok = rows[rows[utility.metric] >= base - utility_loss]
+            if ok.empty:
+                best = rows.loc[rows[utility.metric].idxmax()]
+                choices.append(
+                    Choice(
+                        defense,
+                        best,
+                        f"no trial within {utility_loss:g} of the "
+                        f"control's {utility.metric}; shown: its best utility",
+                    )
+                )
+                continue
+            rows = ok
+        pick = (
+            rows[privacy.metric].idxmin()
+            if privacy.mode == "min"
+            else rows[privacy.metric].idxmax()
+        )
+        note = (
+            "the control"
+            if defense == "none"
+            else (
+                f"best {privacy.metric} within {utility_loss:g} of the control"
+                if base is not None
+                else "no control completed: best privacy"
+            )
+        )
+        choices.append(Choice(defense, rows.loc[pick], note))
+    return choices
+
+
+def _png_data(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def _grids(folder: Path, trial_id: str) -> list[Path]:
+    d = folder / "images" / str(trial_id)
+    return sorted(d.glob("*.png")) if d.is_dir() else []
+
+
+def _table_html(headers: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _table_md(headers: list[str], rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    out += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def _params(row: pd.Series) -> str:
+    items = [
+        f"{k[len('param_') :]}={_fmt(v)}"
+        for k, v in row.items()
+        if k.startswith("param_") and v is not None and not (isinstance(v, float) and math.isnan(v))
+    ]
+    return ", ".join(items) or "defaults"
+
+
+def report(folder: Path, *, utility_loss: float = 0.01) -> tuple[Path, Path]:
+    """Recompute the front, write ``pareto.png``, ``report.html`` and ``report.md``."""
     from orchestrator.results import ResultStore
     from orchestrator.summary import summarise
 
+    folder = Path(folder).resolve()
     if not (folder / "trials.parquet").exists():
         raise StudyFileError(f"{folder}: no trials.parquet here; pass a study's output folder")
     if not (folder / "study.yaml").exists():
         raise StudyFileError(f"{folder}: no study.yaml here; pass a study's output folder")
-    cfg = load_study(folder / "study.yaml", {"output": str(folder.parent)})
-    summarise(cfg, ResultStore(folder), None)
+    cfg = load_study(folder / "study.yaml", {"output": str(folder.parent), "study": folder.name})
+    store = ResultStore(folder)
+    results = summarise(cfg, store, None)
+    df = results.trials
+    attacks = store.attacks()
+    utility, privacy = _objectives(cfg)
+    obj_cols = [o.metric for o in cfg.objectives]
+    sections: list[tuple[str, str, str]] = []  # (title, html, markdown)
+
+    # settings
+    f = cfg.federation
+    settings = [
+        ["dataset", f"{cfg.data.dataset} ({cfg.data.image_size or 'native'} px)"],
+        ["model", f"{cfg.model.name} {cfg.model.options() or ''}".strip()],
+        [
+            "federation",
+            f"{f.algorithm}, {f.clients} clients ({f.clients_per_round} per round), "
+            f"{f.rounds} rounds, batch {f.batch_size}, lr {f.lr}, "
+            f"partition {f.partition.scheme}",
+        ],
+        [
+            "defenses",
+            ", ".join(f"{d} ({', '.join(r) or 'fixed'})" for d, r in cfg.search_ranges().items()),
+        ],
+        [
+            "attacks",
+            ", ".join(f"{a.key} (rounds {a.rounds}, {a.victims} victim(s))" for a in cfg.attacks),
+        ],
+        ["objectives", ", ".join(f"{o.metric} ({o.mode})" for o in cfg.objectives)],
+        [
+            "search",
+            f"{cfg.search.sampler}, {cfg.search.trials} trials, concurrency "
+            f"{cfg.search.concurrency}, seed {cfg.seed}",
+        ],
+    ]
+    sections.append(
+        (
+            "Settings",
+            _table_html(["setting", "value"], settings),
+            _table_md(["setting", "value"], settings),
+        )
+    )
+
+    # pareto plot and front
+    plot = folder / "pareto.png"
+    hv = "–" if results.hypervolume is None else f"{results.hypervolume:.4g}"
+    plot_html = (
+        f'<img alt="Pareto front" src="{_png_data(plot)}">'
+        if plot.exists()
+        else "<p>No completed trial to plot.</p>"
+    )
+    sections.append(
+        (
+            "Pareto front",
+            plot_html + f"<p>Hypervolume: {hv}</p>",
+            "![Pareto front](pareto.png)\n\nHypervolume: " + hv,
+        )
+    )
+    headers = ["trial", "defense", *obj_cols, "epsilon", "hyperparameters"]
+    rows = [
+        [
+            str(r["number"]),
+            str(r["defense"]),
+            *[_fmt(r.get(c)) for c in obj_cols],
+            _fmt(r.get("epsilon")),
+            _params(r),
+        ]
+        for _, r in results.front.iterrows()
+    ]
+    sections.append(("Pareto-optimal trials", _table_html(headers, rows), _table_md(headers, rows)))
+
+    # best per defense within the utility budget
+    choices = best_within_budget(df, cfg, utility_loss)
+    headers = [
+        "defense",
+        "trial",
+        utility.metric,
+        privacy.metric,
+        "epsilon",
+        "note",
+        "hyperparameters",
+    ]
+    rows = [
+        [c.defense, "–", "–", "–", "–", c.note, "–"]
+        if c.trial is None
+        else [
+            c.defense,
+            str(c.trial["number"]),
+            _fmt(c.trial[utility.metric]),
+            _fmt(c.trial[privacy.metric]),
+            _fmt(c.trial.get("epsilon")),
+            c.note,
+            _params(c.trial),
+        ]
+        for c in choices
+    ]
+    title = f"Best trial per defense within {utility_loss:g} {utility.metric} of the control"
+    sections.append((title, _table_html(headers, rows), _table_md(headers, rows)))
+
+    # reconstruction grids
+    grid_html, grid_md = [], []
+    for c in choices:
+        if c.trial is None:
+            continue
+        for path in _grids(folder, c.trial["trial_id"]):
+            caption = f"{c.defense} (trial {c.trial['number']}): {path.stem}"
+            grid_html.append(
+                f'<figure><img alt="{html.escape(caption)}" '
+                f'src="{_png_data(path)}"><figcaption>{html.escape(caption)}'
+                "</figcaption></figure>"
+            )
+            rel = path.relative_to(folder)
+            grid_md.append(f"![{caption}]({rel.as_posix()})")
+    if grid_html:
+        sections.append(
+            (
+                "Reconstructions (ground truth above, reconstruction below)",
+                "".join(grid_html),
+                "\n\n".join(grid_md),
+            )
+        )
+    else:
+        why = (
+            "tracking.log_images is 'none'"
+            if cfg.tracking.log_images == "none"
+            else "no image grids were found"
+        )
+        sections.append(
+            ("Reconstructions", f"<p>Not shown: {html.escape(why)}.</p>", f"Not shown: {why}.")
+        )
+
+    # attack success rates
+    rows = []
+    if not attacks.empty:
+        done_ids = set(df.loc[df["status"] == "completed", "trial_id"])
+        a = attacks[attacks["trial_id"].isin(done_ids)].merge(
+            df[["trial_id", "defense"]], on="trial_id"
+        )
+        a["success"] = a["psnr"] >= cfg.success_psnr
+        grouped = a.groupby(["defense", "attack"]).agg(
+            images=("psnr", "size"),
+            success_rate=("success", "mean"),
+            psnr_mean=("psnr", "mean"),
+            psnr_max=("psnr", "max"),
+            ssim_max=("ssim", "max"),
+        )
+        for (defense, attack), g in grouped.iterrows():
+            rows.append(
+                [
+                    defense,
+                    attack,
+                    str(int(g["images"])),
+                    f"{g['success_rate']:.0%}",
+                    _fmt(g["psnr_mean"]),
+                    _fmt(g["psnr_max"]),
+                    _fmt(g["ssim_max"]),
+                ]
+            )
+    headers = [
+        "defense",
+        "attack",
+        "images",
+        f"success (PSNR ≥ {cfg.success_psnr:g} dB)",
+        "PSNR mean",
+        "PSNR max",
+        "SSIM max",
+    ]
+    sections.append(
+        ("Attack success rates (all trials)", _table_html(headers, rows), _table_md(headers, rows))
+    )
+
+    # cost
+    done = df[df["status"] == "completed"]
+    seconds = (
+        float(
+            (done.get("seconds_train", 0).fillna(0) + done.get("seconds_attack", 0).fillna(0)).sum()
+        )
+        if not done.empty
+        else 0.0
+    )
+    gpu = bool(not done.empty and done["device"].fillna("").str.startswith("cuda").any())
+    unit = "GPU-hours" if gpu else "CPU-hours"
+    per_trial = cfg.resources.gpu if gpu else cfg.resources.cpu
+    cost = [
+        ["trials", f"{len(done)} completed, {int((df['status'] == 'failed').sum())} failed"],
+        [
+            "compute",
+            f"{seconds / 3600:.3g} h of trial time × {per_trial:g} "
+            f"{'GPU' if gpu else 'CPU'} per trial = "
+            f"{seconds / 3600 * per_trial:.3g} {unit}",
+        ],
+    ]
+    sections.append(("Cost", _table_html(["", ""], cost), _table_md(["", ""], cost)))
+
+    css = (
+        "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;"
+        "color:#222}table{border-collapse:collapse;margin:1em 0;font-size:14px}"
+        "th,td{border:1px solid #ccc;padding:4px 8px;text-align:left}th{background:#f2f2f2}"
+        "img{max-width:100%}figure{display:inline-block;margin:8px}"
+        "figcaption{font-size:12px;color:#555}"
+    )
+    body = "".join(f"<h2>{html.escape(t)}</h2>\n{h}\n" for t, h, _ in sections)
+    page = (
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        f"<title>Obscura report: {html.escape(cfg.study)}</title><style>{css}</style>"
+        f"</head><body><h1>Obscura report: {html.escape(cfg.study)}</h1>\n{body}"
+        "</body></html>\n"
+    )
+    md = (
+        f"# Obscura report: {cfg.study}\n\n"
+        + "\n\n".join(f"## {t}\n\n{m}" for t, _, m in sections)
+        + "\n"
+    )
+    html_path, md_path = folder / "report.html", folder / "report.md"
+    atomic_write(html_path, lambda fh: fh.write(page.encode("utf-8")))
+    atomic_write(md_path, lambda fh: fh.write(md.encode("utf-8")))
+    print(f"Report: {html_path} and {md_path}")
+    return html_path, md_path

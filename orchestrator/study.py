@@ -92,9 +92,12 @@ class Study:
         self.config = config
 
     @classmethod
-    def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> Study:
-        """Load and validate a study file (``overrides``: dotted keys, e.g. ``search.trials``)."""
-        return cls(load_study(path, overrides))
+    def from_yaml(
+        cls, path: str | Path, overrides: dict[str, Any] | None = None, *, smoke: bool = False
+    ) -> Study:
+        """Load and validate a study file (``overrides``: dotted keys, e.g. ``search.trials``;
+        ``smoke``: shrink it to minutes on a CPU, see :mod:`orchestrator.smoke`)."""
+        return cls(load_study(path, overrides, smoke=smoke))
 
     @property
     def folder(self) -> Path:

@@ -43,24 +43,50 @@ def tiny_raw(tmp_path: Path, shared_dir: Path) -> dict[str, Any]:
     }
 
 
+def write_study(
+    folder: Path, shared_dir: Path, changes: dict[str, Any] | None = None, name: str = "study.yaml"
+) -> Path:
+    """Write the tiny study with ``changes`` (dotted keys) into ``folder``; return its path."""
+    raw = copy.deepcopy(tiny_raw(folder, shared_dir))
+    for key, value in (changes or {}).items():
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node[part]
+        if value is _DELETE:
+            node.pop(parts[-1], None)
+        else:
+            node[parts[-1]] = value
+    path = folder / name
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.fixture(scope="session")
+def completed_study(tmp_path_factory: pytest.TempPathFactory, shared_dir: Path):
+    """The tiny study (4 trials) run once on a local Ray: (config, results)."""
+    import ray
+
+    from orchestrator import Study
+    from orchestrator.config import load_study
+
+    folder = tmp_path_factory.mktemp("completed")
+    cfg = load_study(write_study(folder, shared_dir))
+    ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    try:
+        results = Study(cfg).run(verbose=0)
+    finally:
+        ray.shutdown()
+    return cfg, results
+
+
 @pytest.fixture
 def tiny_study(tmp_path: Path, shared_dir: Path):
     """A function writing the tiny study (with changes) to a YAML file and returning its path."""
 
     def write(changes: dict[str, Any] | None = None, name: str = "study.yaml") -> Path:
-        raw = copy.deepcopy(tiny_raw(tmp_path, shared_dir))
-        for key, value in (changes or {}).items():
-            node = raw
-            parts = key.split(".")
-            for part in parts[:-1]:
-                node = node[part]
-            if value is _DELETE:
-                node.pop(parts[-1], None)
-            else:
-                node[parts[-1]] = value
-        path = tmp_path / name
-        path.write_text(yaml.safe_dump(raw))
-        return path
+        return write_study(tmp_path, shared_dir, changes, name)
 
     return write
 

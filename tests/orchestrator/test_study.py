@@ -21,16 +21,6 @@ from orchestrator.config import load_study
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def _children(uri: str, study: str) -> tuple[object, list]:
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(study)
@@ -40,9 +30,8 @@ def _children(uri: str, study: str) -> tuple[object, list]:
     return parents, children
 
 
-def test_study_end_to_end_on_local_ray(tiny_study, local_ray) -> None:
-    cfg = load_study(tiny_study())
-    results = Study(cfg).run(verbose=0)
+def test_study_end_to_end_on_local_ray(completed_study) -> None:
+    cfg, results = completed_study
     folder = cfg.folder
     trials = pd.read_parquet(folder / "trials.parquet")
     assert len(trials) == 4 and trials["trial_id"].is_unique
