@@ -40,3 +40,6 @@ __all__ = [
     "get_attack",
     "register_attack",
 ]
+
+#: The attacks that ship with Obscura (registered at import); anything else is a user's.
+BUILTIN_ATTACKS = frozenset(available_attacks())

@@ -44,3 +44,6 @@ __all__ = [
     "register_defense",
     "unregister_defense",
 ]
+
+#: The defenses that ship with Obscura (registered at import); anything else is a user's.
+BUILTIN_DEFENSES = frozenset(available_defenses())

@@ -189,6 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a study key, e.g. --set data.root=../shared/data",
     )
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="shrink the study to minutes on a CPU (same structure; results in <study>-smoke)",
+    )
     p.set_defaults(func=cmd_study)
     p = sub.add_parser("trial", help="run one trial in-process (no Ray) and print JSON")
     p.add_argument("file")
@@ -234,3 +239,13 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         return 130
+    except Exception as err:
+        # Known operational failures get one readable line (exit 1); anything else is a bug
+        # and keeps its traceback.
+        from fl.data import DatasetError
+        from orchestrator.tracking import TrackingError
+
+        if isinstance(err, DatasetError | TrackingError | ConnectionError):
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        raise

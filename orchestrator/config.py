@@ -230,6 +230,20 @@ class StudyConfig(BaseModel):
             out[name] = _defense_params(name, params or {})
         return out
 
+    @field_validator("attacks")
+    @classmethod
+    def _some_attack(cls, value: list[AttackSection]) -> list[AttackSection]:
+        if not value:
+            raise ValueError("list at least one attack")
+        return value
+
+    @field_validator("objectives")
+    @classmethod
+    def _some_objective(cls, value: list[ObjectiveSection]) -> list[ObjectiveSection]:
+        if not value:
+            raise ValueError("list at least one objective")
+        return value
+
     @model_validator(mode="after")
     def _cross_checks(self) -> StudyConfig:
         fed = self.federation
@@ -237,8 +251,6 @@ class StudyConfig(BaseModel):
         labels = [a.key for a in self.attacks]
         if len(set(labels)) != len(labels):
             raise ValueError("two attacks share a name; give one of them a distinct `label`")
-        if not self.attacks:
-            raise ValueError("list at least one attack")
         for i, attack in enumerate(self.attacks):
             kinds = attack_class(attack.name).requirements.kinds
             if kind not in kinds:
@@ -257,8 +269,6 @@ class StudyConfig(BaseModel):
                     f"attacks.{i}.victims ({attack.victims}) exceeds the clients sampled per "
                     f"round (federation.clients_per_round = {fed.clients_per_round})"
                 )
-        if not self.objectives:
-            raise ValueError("list at least one objective")
         for i, obj in enumerate(self.objectives):
             try:
                 validate_metric(obj.metric, labels)

@@ -10,12 +10,9 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from attacks import attack_class, available_attacks, register_attack
-from defenses import available_defenses, defense_class, register_defense
+from attacks import BUILTIN_ATTACKS, attack_class, available_attacks, register_attack
+from defenses import BUILTIN_DEFENSES, available_defenses, defense_class, register_defense
 from orchestrator.metrics import custom_objectives, register_objective
-
-BUILTIN_DEFENSES = frozenset(available_defenses())
-BUILTIN_ATTACKS = frozenset(available_attacks())
 
 
 def _by_value(obj: Any) -> None:

@@ -81,6 +81,12 @@ def completed_study(tmp_path_factory: pytest.TempPathFactory, shared_dir: Path):
     return cfg, results
 
 
+@pytest.fixture(scope="session")
+def valid_raw(shared_dir: Path) -> dict[str, Any]:
+    """The tiny study as a mapping (output in a folder that never exists)."""
+    return tiny_raw(Path("/nonexistent-obscura-output"), shared_dir)
+
+
 @pytest.fixture
 def tiny_study(tmp_path: Path, shared_dir: Path):
     """A function writing the tiny study (with changes) to a YAML file and returning its path."""

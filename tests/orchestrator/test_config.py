@@ -101,3 +101,19 @@ def test_list_command_names_everything(capsys) -> None:
     out = capsys.readouterr().out
     for name in ("pneumoniamnist", "convnet", "precode", "shadow", "dlm_plus", "attack_psnr_max"):
         assert name in out
+
+
+def test_smoke_shrinks_every_study_but_keeps_its_structure(shared_dir) -> None:
+    from orchestrator.cli import build_parser
+
+    assert build_parser().parse_args(["study", "x.yaml", "--smoke"]).smoke
+    for path in sorted((ROOT / "studies").glob("*.yaml")):
+        full = load_study(path, {"data.root": str(shared_dir / "data")})
+        small = load_study(path, {"data.root": str(shared_dir / "data")}, smoke=True)
+        assert small.study == full.study + "-smoke"
+        assert list(small.defenses) == list(full.defenses)
+        assert [a.key for a in small.attacks] == [a.key for a in full.attacks]
+        assert small.objectives == full.objectives
+        assert small.federation.rounds <= 2 and small.federation.clients <= 4
+        assert small.search.trials == len(full.defenses)
+        assert all(a.params.get("iterations", 0) <= 10 for a in small.attacks)

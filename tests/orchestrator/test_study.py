@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
+from defenses import Defense, register_defense, unregister_defense
 from orchestrator import Study
 from orchestrator.config import load_study
 
@@ -150,3 +151,42 @@ def test_killed_study_resumes_to_exactly_the_requested_trials(tiny_study) -> Non
     states = [t.state for t in study.get_trials()]
     assert optuna.trial.TrialState.RUNNING not in states
     assert states.count(optuna.trial.TrialState.COMPLETE) == 4
+
+
+class _Exploding(Defense):
+    """A user's defense that always fails: a trial that raises must be recorded as failed while
+    the study goes on (and custom defenses must reach Ray's workers)."""
+
+    def transform_batch(self, images, labels, model, ctx):
+        raise RuntimeError("bug in a custom defense")
+
+
+def test_a_failing_trial_is_recorded_and_the_study_goes_on(tiny_study) -> None:
+    import ray
+
+    register_defense("exploding")(_Exploding)
+    try:
+        cfg = load_study(
+            tiny_study(
+                {
+                    "defenses": {"none": {}, "exploding": {}},
+                    "search.trials": 2,
+                }
+            )
+        )
+        ray.shutdown()
+        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+        try:
+            Study(cfg).run(verbose=0)
+        finally:
+            ray.shutdown()
+    finally:
+        unregister_defense("exploding")
+    trials = pd.read_parquet(cfg.folder / "trials.parquet")
+    assert len(trials) == 2
+    failed = trials[trials["status"] == "failed"]
+    assert len(failed) == 1 and failed["defense"].iloc[0] == "exploding"
+    assert "bug in a custom defense" in failed["error"].iloc[0]
+    assert (trials["status"] == "completed").sum() == 1
+    _, children = _children(cfg.tracking.mlflow_uri, cfg.study)
+    assert sorted(c.info.status for c in children) == ["FAILED", "FINISHED"]

@@ -87,3 +87,10 @@ def test_image_policy_pairs_and_reconstructions(tiny_study, tmp_path) -> None:
     pairs = Image.open(tmp_path / "pairs" / out.images[0].name)
     recs = Image.open(out.images[0])
     assert recs.size[1] < pairs.size[1]  # reconstructions only: no ground-truth row
+
+
+def test_missing_dataset_is_one_readable_line(tiny_study, tmp_path, capsys) -> None:
+    path = tiny_study({"data.root": str(tmp_path / "nowhere")})
+    assert main(["trial", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "pneumoniamnist.npz" in err and "Traceback" not in err
