@@ -238,7 +238,7 @@ def _attack_psnr(
 
 
 def medical_claims(a: argparse.Namespace, dev: torch.device) -> None:
-    rounds, n, iters = (3, 3, 300) if a.small else (20, 8, 2000)
+    rounds, n, iters = (5, 3, 300) if a.small else (20, 8, 2000)
     shadow_params = {"shadow_iterations": 20 if a.small else 50}
     for name, claim_db in (
         ("pneumoniamnist", "3.73 dB (ChestXRay)"),

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import html
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,8 +32,16 @@ class Choice:
     note: str
 
 
+def _missing(v: Any) -> bool:
+    """None, NaN, pandas NA/NaT."""
+    try:
+        return bool(pd.isna(v))
+    except (TypeError, ValueError):  # list-like values are never "missing"
+        return False
+
+
 def _fmt(v: Any, digits: int = 4) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
+    if _missing(v):
         return "–"
     if isinstance(v, float):
         return f"{v:.{digits}g}"
@@ -121,7 +128,7 @@ def _params(row: pd.Series) -> str:
     items = [
         f"{k[len('param_') :]}={_fmt(v)}"
         for k, v in row.items()
-        if k.startswith("param_") and v is not None and not (isinstance(v, float) and math.isnan(v))
+        if k.startswith("param_") and not _missing(v)
     ]
     return ", ".join(items) or "defaults"
 
