@@ -130,6 +130,7 @@ class Study:
             cfg.search.concurrency = concurrency
         if output is not None:
             cfg.output = Path(output).expanduser().resolve()
+        self._preflight()
         folder = cfg.folder
         if not resume and (folder / "trials.parquet").exists():
             raise FileExistsError(
@@ -148,6 +149,7 @@ class Study:
             tracker.log_study(_flat_params(cfg), dump_study(cfg))
         if remaining > 0:
             self._start_ray(address)
+            self._check_cluster()
             searcher = _searcher(cfg, storage, points)
             trainable = tune.with_resources(
                 tune.with_parameters(
@@ -215,6 +217,41 @@ class Study:
                 seen.add(str(row["defense"]))
         points = [p for p in points if p["defense"] not in seen | waiting]
         return done, points
+
+    def _preflight(self) -> None:
+        """Checks that need the data, before any trial starts: the dataset's files load (a
+        missing or corrupt file is one readable error here, not a failure in every trial) and
+        there are at least as many training examples as clients."""
+        from fl import data as fl_data
+        from orchestrator.config import StudyFileError
+
+        d = self.config.data
+        train = fl_data.load(
+            d.dataset, root=d.root, split="train", download=d.download, image_size=d.image_size
+        )
+        fl_data.load(
+            d.dataset, root=d.root, split="test", download=d.download, image_size=d.image_size
+        )
+        clients = self.config.federation.clients
+        if clients > len(train):
+            raise StudyFileError(
+                f"federation.clients ({clients}) exceeds the {len(train)} training examples of "
+                f"{d.dataset}; use fewer clients"
+            )
+
+    def _check_cluster(self) -> None:
+        """A GPU request on a cluster without GPUs would wait forever: reject it."""
+        import ray
+
+        from orchestrator.config import StudyFileError
+
+        wanted = self.config.resources.gpu
+        have = float(ray.cluster_resources().get("GPU", 0.0))
+        if wanted > 0 and have == 0:
+            raise StudyFileError(
+                f"resources.gpu is {wanted:g} but the Ray cluster has no GPU; set "
+                "resources.gpu: 0 or add GPU nodes"
+            )
 
     @staticmethod
     def _start_ray(address: str | None) -> None:

@@ -190,3 +190,36 @@ def test_a_failing_trial_is_recorded_and_the_study_goes_on(tiny_study) -> None:
     assert (trials["status"] == "completed").sum() == 1
     _, children = _children(cfg.tracking.mlflow_uri, cfg.study)
     assert sorted(c.info.status for c in children) == ["FAILED", "FINISHED"]
+
+
+def test_preflight_rejects_degenerate_settings_before_any_work(
+    tiny_study, tmp_path, capsys
+) -> None:
+    import ray
+
+    from orchestrator.cli import main
+
+    too_many = tiny_study({"federation.clients": 5000}, name="many.yaml")
+    assert main(["study", str(too_many)]) == 2
+    assert "exceeds the 4708 training examples" in capsys.readouterr().err
+    missing = tiny_study({"data.root": str(tmp_path / "nowhere")}, name="missing.yaml")
+    assert main(["study", str(missing)]) == 1
+    err = capsys.readouterr().err
+    assert "pneumoniamnist.npz" in err and "Traceback" not in err
+    gpu = tiny_study({"resources": {"cpu": 1, "gpu": 1}}, name="gpu.yaml")
+    ray.shutdown()
+    ray.init(
+        num_cpus=1,
+        num_gpus=0,
+        include_dashboard=False,
+        configure_logging=False,
+        log_to_driver=False,
+    )
+    try:
+        assert main(["study", str(gpu)]) == 2
+    finally:
+        ray.shutdown()
+    assert "the Ray cluster has no GPU" in capsys.readouterr().err
+    for path in (too_many, missing, gpu):
+        cfg_folder = tmp_path / "results" / "tiny"
+        assert not (cfg_folder / "trials.parquet").exists(), path
