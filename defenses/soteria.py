@@ -11,12 +11,11 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
 from defenses.base import Defense, DefenseParams, ParamSpec, register_defense
-from fl.simulation.client import trainable_parameters
+from fl.simulation.client import loss_from_logits, trainable_parameters
 from fl.simulation.hooks import ClientContext
 
 __all__ = ["Soteria", "SoteriaParams", "lowest_units", "unit_scores"]
@@ -158,16 +157,7 @@ class Soteria(Defense):
         scores = unit_scores(features, x, p.epsilon)
         pruned = lowest_units(scores, p.percent)
 
-        logits = classifier(features)
-        loss = F.cross_entropy(logits, labels)
-        extra_model = getattr(model, "extra_loss", None)
-        if callable(extra_model):
-            term = extra_model()
-            if term is not None:
-                loss = loss + term
-        term = self.extra_loss(model, x, labels, logits, ctx)
-        if term is not None:
-            loss = loss + term
+        loss = loss_from_logits(model, x, labels, classifier(features), self, ctx)
         grads = dict(zip(params, torch.autograd.grad(loss, list(params.values())), strict=True))
         masked = grads[weight_name].clone()
         masked[:, pruned] = 0.0

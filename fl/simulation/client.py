@@ -48,7 +48,18 @@ def model_loss(
 ) -> torch.Tensor:
     """Training loss of one local step: cross-entropy + the model's own extra term (e.g. the
     PRECODE KL) + the defense's extra term."""
-    logits = model(inputs)
+    return loss_from_logits(model, inputs, labels, model(inputs), hooks, ctx)
+
+
+def loss_from_logits(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    logits: torch.Tensor,
+    hooks: ClientHooks,
+    ctx: ClientContext,
+) -> torch.Tensor:
+    """:func:`model_loss` for logits already computed (e.g. from features a defense needs)."""
     loss = F.cross_entropy(logits, labels)
     extra_model = getattr(model, "extra_loss", None)
     if callable(extra_model):
