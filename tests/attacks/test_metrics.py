@@ -289,7 +289,7 @@ def test_get_lpips_is_cached_and_real(shared_backbone: Path) -> None:
     backbone = torch.load(shared_backbone, map_location="cpu", weights_only=True)
     assert torch.equal(first.net.slice5[0].weight, backbone["features.10.weight"])
     ok, message = lpips_available()
-    assert ok and str(shared_backbone.resolve()) in message
+    assert ok and "ready" in message and shared_backbone.name in message
 
 
 def test_configure_takes_precedence_over_env(shared_backbone: Path, tmp_path: Path) -> None:

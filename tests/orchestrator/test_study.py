@@ -223,3 +223,59 @@ def test_preflight_rejects_degenerate_settings_before_any_work(
     for path in (too_many, missing, gpu):
         cfg_folder = tmp_path / "results" / "tiny"
         assert not (cfg_folder / "trials.parquet").exists(), path
+
+
+@pytest.mark.slow
+def test_losing_a_worker_node_reschedules_the_trial(tiny_study) -> None:
+    """Remove the node a trial runs on; Ray Tune retries it (search.max_failures) on another."""
+    import threading
+
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cfg = load_study(
+        tiny_study(
+            {
+                "defenses": {"none": {}},
+                "search": {"sampler": "random", "trials": 1, "concurrency": 1, "max_failures": 2},
+                "attacks": [
+                    {"name": "idlg", "rounds": [0], "victims": 1, "params": {"iterations": 300}}
+                ],
+                "federation.rounds": 20,
+            }
+        )
+    )
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, connect=True, head_node_args={"num_cpus": 0})
+    first = cluster.add_node(num_cpus=1)
+    outcome: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            outcome["results"] = Study(cfg).run(verbose=0)
+        except BaseException as err:  # reported by the assertion below
+            outcome["error"] = err
+
+    thread = threading.Thread(target=run)
+    try:
+        thread.start()
+        trials_file = cfg.folder / "trials.parquet"
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if trials_file.exists() and (pd.read_parquet(trials_file)["status"] == "running").any():
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("the trial did not start")
+        time.sleep(3)  # mid-trial
+        cluster.add_node(num_cpus=1)
+        cluster.remove_node(first, allow_graceful=False)
+        thread.join(timeout=300)
+        assert not thread.is_alive(), "the study did not finish after the node loss"
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    assert "error" not in outcome, outcome.get("error")
+    trials = pd.read_parquet(cfg.folder / "trials.parquet")
+    assert len(trials) == 1 and trials["status"].iloc[0] == "completed"
+    assert trials["test_accuracy"].notna().all()
