@@ -36,6 +36,7 @@ class StudyCallback(tune.Callback):
         self.numbers: dict[str, int] = {}
         self.next_number = first_number
         self.started: dict[str, datetime] = {}
+        self.retries: dict[str, int] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune may pickle its run config; the store and MLflow client stay in the driver.
@@ -65,6 +66,7 @@ class StudyCallback(tune.Callback):
             "device": None,
             "started_at": self.started.get(tid),
             "finished_at": None,
+            "retries": float(self.retries.get(tid, 0)),
         }
         for k, v in params.items():
             row[f"param_{k}"] = (
@@ -75,6 +77,17 @@ class StudyCallback(tune.Callback):
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.started[trial.trial_id] = _now()
         self.store.upsert_trial(self._base_row(trial, "running"))
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        """A trial failed (its node was lost, it raised) and Ray Tune retries it
+        (``search.max_failures``)."""
+        self.retries[trial.trial_id] = self.retries.get(trial.trial_id, 0) + 1
+        number = self.numbers.get(trial.trial_id, "?")
+        print(
+            f"[obscura] trial {number} failed and is retried "
+            f"({self.retries[trial.trial_id]} of at most {self.config.search.max_failures})",
+            flush=True,
+        )
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         result = trial.last_result or {}

@@ -225,6 +225,15 @@ def test_preflight_rejects_degenerate_settings_before_any_work(
         assert not (cfg_folder / "trials.parquet").exists(), path
 
 
+class _Slow(Defense):
+    """A user's defense that only takes time (0.5 s a batch), so a test can hit a trial
+    mid-run."""
+
+    def transform_batch(self, images, labels, model, ctx):
+        time.sleep(0.5)
+        return images
+
+
 @pytest.mark.slow
 def test_losing_a_worker_node_reschedules_the_trial(tiny_study) -> None:
     """Remove the node a trial runs on; Ray Tune retries it (search.max_failures) on another."""
@@ -233,15 +242,13 @@ def test_losing_a_worker_node_reschedules_the_trial(tiny_study) -> None:
     import ray
     from ray.cluster_utils import Cluster
 
+    register_defense("slow")(_Slow)
     cfg = load_study(
         tiny_study(
             {
-                "defenses": {"none": {}},
+                "defenses": {"slow": {}},
                 "search": {"sampler": "random", "trials": 1, "concurrency": 1, "max_failures": 2},
-                "attacks": [
-                    {"name": "idlg", "rounds": [0], "victims": 1, "params": {"iterations": 300}}
-                ],
-                "federation.rounds": 20,
+                "federation.rounds": 20,  # 40 batches of 0.5 s: long enough to be hit mid-trial
             }
         )
     )
@@ -268,6 +275,12 @@ def test_losing_a_worker_node_reschedules_the_trial(tiny_study) -> None:
         else:
             pytest.fail("the trial did not start")
         time.sleep(3)  # mid-trial
+        now = pd.read_parquet(trials_file)
+        assert (now["status"] == "running").all(), (
+            cfg.defenses,
+            cfg.federation.rounds,
+            str(cfg.folder),
+        )
         cluster.add_node(num_cpus=1)
         cluster.remove_node(first, allow_graceful=False)
         thread.join(timeout=300)
@@ -275,7 +288,9 @@ def test_losing_a_worker_node_reschedules_the_trial(tiny_study) -> None:
     finally:
         ray.shutdown()
         cluster.shutdown()
+        unregister_defense("slow")
     assert "error" not in outcome, outcome.get("error")
     trials = pd.read_parquet(cfg.folder / "trials.parquet")
     assert len(trials) == 1 and trials["status"].iloc[0] == "completed"
     assert trials["test_accuracy"].notna().all()
+    assert trials["retries"].iloc[0] >= 1  # the node loss hit the running trial
