@@ -107,7 +107,29 @@ def cmd_trial(args: argparse.Namespace) -> int:
     if raw_overrides:
         cfg = load_study(args.file, raw_overrides)
     image_dir = Path(args.images) if args.images else None
-    outcome = run_trial(cfg, defense, params, image_dir=image_dir, device=args.device)
+
+    def show_round(rec: Any) -> None:
+        acc = rec.metrics.get("accuracy")
+        shown = "n/a" if acc is None else f"{acc:.4f}"
+        print(
+            f"round {rec.round}: train loss {rec.train_loss:.4f}, test accuracy {shown}, "
+            f"{rec.seconds:.1f} s",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def show(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    outcome = run_trial(
+        cfg,
+        defense,
+        params,
+        image_dir=image_dir,
+        device=args.device,
+        on_round=show_round,
+        progress=show,
+    )
     print(
         json.dumps(
             {

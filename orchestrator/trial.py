@@ -60,10 +60,12 @@ def run_trial(
     image_dir: Path | None = None,
     device: str | None = None,
     on_round: Callable[[RoundRecord], None] | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> TrialOutcome:
     """Run one trial of ``config`` with ``defense`` at ``params`` (over its defaults).
 
     Seeds torch from the study seed so that trials differ only by their defense configuration.
+    ``progress`` receives one line per finished attack run (``on_round`` one record per round).
     Attacks see only the captured observations, restricted to each attack's capabilities;
     scoring uses the ground truth (the clients' ORIGINAL images) with the canonical protocol.
     """
@@ -123,6 +125,11 @@ def run_trial(
             rec = attack.run(obs, spec.capabilities)
             seconds = time.perf_counter() - t1
             s = score(rec, truth, success_psnr=config.success_psnr, device=str(dev))
+            if progress is not None:
+                progress(
+                    f"attack {spec.key} round {obs.round} client {obs.client}: "
+                    f"PSNR max {s['psnr_max']:.2f} dB, {seconds:.1f} s"
+                )
             for img in s["per_image"]:
                 rows.append(
                     {

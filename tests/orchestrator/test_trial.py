@@ -19,7 +19,9 @@ def test_trial_command_prints_json_metrics(tiny_study, capsys) -> None:
     path = tiny_study()
     code = main(["trial", str(path), "--set", "defense=prune", "--set", "prune.percent=50"])
     assert code == 0
-    out = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert "round 1: train loss" in captured.err and "attack idlg round 0" in captured.err
     assert out["defense"] == "prune" and out["params"]["percent"] == 50
     assert out["metrics"]["test_accuracy"] is not None
     assert out["metrics"]["idlg_psnr_max"] is not None and len(out["rounds"]) == 2
