@@ -20,18 +20,14 @@ import os
 import sys
 from pathlib import Path
 
-# This file is named like the `attacks` package; run as a script, its own folder would shadow
-# the package on sys.path.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+import _isolate  # noqa: F401  (first: keeps the attacks package importable)
+import torch
 
-import torch  # noqa: E402
-
-from attacks import AttackerCapabilities, get_attack  # noqa: E402
-from attacks.metrics import score  # noqa: E402
-from attacks.samples import sample_images  # noqa: E402
-from fl import models  # noqa: E402
-from fl.simulation import observe_client_step, resolve_device  # noqa: E402
+from attacks import AttackerCapabilities, get_attack
+from attacks.metrics import score
+from attacks.samples import sample_images
+from fl import models
+from fl.simulation import observe_client_step, resolve_device
 
 # (label, registered attack, message, default iterations, extra parameters)
 CASES: list[tuple[str, str, str, int, dict[str, object]]] = [

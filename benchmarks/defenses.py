@@ -29,18 +29,15 @@ import sys
 import time
 from pathlib import Path
 
-# benchmarks/attacks.py is named like the `attacks` package; drop this folder from sys.path.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+import _isolate  # noqa: F401  (first: keeps the attacks package importable)
+import torch
 
-import torch  # noqa: E402
-
-from attacks import AttackerCapabilities, get_attack  # noqa: E402
-from attacks.metrics import score  # noqa: E402
-from defenses import available_defenses, get_defense  # noqa: E402
-from defenses.precode import PRECODE_AWARE_IGNORE  # noqa: E402
-from fl import data, models  # noqa: E402
-from fl.simulation import (  # noqa: E402
+from attacks import AttackerCapabilities, get_attack
+from attacks.metrics import score
+from defenses import available_defenses, get_defense
+from defenses.precode import PRECODE_AWARE_IGNORE
+from fl import data, models
+from fl.simulation import (
     FederationConfig,
     PartitionConfig,
     Simulator,

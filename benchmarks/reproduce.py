@@ -17,18 +17,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+import _isolate  # noqa: F401  (first: keeps the attacks package importable)
+import torch
 
-import torch  # noqa: E402
-
-from attacks import AttackerCapabilities, get_attack  # noqa: E402
-from attacks.metrics import score  # noqa: E402
-from attacks.samples import sample_images  # noqa: E402
-from defenses import get_defense  # noqa: E402
-from defenses.precode import PRECODE_AWARE_IGNORE  # noqa: E402
-from fl import data, models  # noqa: E402
-from fl.simulation import (  # noqa: E402
+from attacks import AttackerCapabilities, get_attack
+from attacks.metrics import score
+from attacks.samples import sample_images
+from defenses import get_defense
+from defenses.precode import PRECODE_AWARE_IGNORE
+from fl import data, models
+from fl.simulation import (
     FederationConfig,
     PartitionConfig,
     Simulator,
@@ -45,10 +43,6 @@ def row(claim: str, paper: str, ours: str, setting: str, why: str) -> None:
     """Record and print one line of the table."""
     ROWS.append((claim, paper, ours, setting, why))
     print(f"| {claim} | {paper} | {ours} | {setting} | {why} |", flush=True)
-
-
-def mean_score(runs: list[dict], key: str) -> float:
-    return statistics.mean(r[key] for r in runs)
 
 
 def idlg_claims(a: argparse.Namespace, dev: torch.device) -> None:
@@ -281,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-root", type=Path, default=default_root)
     parser.add_argument("--only", nargs="+", default=["idlg", "dlm", "precode", "medical"])
     a = parser.parse_args(argv)
-    weights = _HERE.parent.parent / "shared/weights/lpips_alexnet_features.pth"
+    shared = Path(__file__).resolve().parents[1].parent / "shared"
+    weights = shared / "weights" / "lpips_alexnet_features.pth"
     if "OBSCURA_LPIPS_BACKBONE" not in os.environ and weights.exists():
         os.environ["OBSCURA_LPIPS_BACKBONE"] = str(weights)
     dev = resolve_device(a.device)

@@ -9,7 +9,7 @@ build an Optuna search space without knowing the defense.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
@@ -153,8 +153,3 @@ def unregister_defense(name: str) -> None:
 class NoDefense(Defense):
     """The control: no defense at all. Every hook is a no-op, so the attacks see exactly what an
     undefended client sends; every study should include it to show that the attacks work."""
-
-
-def parameter_names(update: dict[str, Any], prefixes: Sequence[str]) -> list[str]:
-    """Names in ``update`` that start with one of ``prefixes``."""
-    return [n for n in update if any(n.startswith(p) for p in prefixes)]

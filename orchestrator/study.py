@@ -16,7 +16,6 @@ failed in Optuna, dropped from Parquet and its MLflow run marked KILLED, and the
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 from dataclasses import dataclass
@@ -38,12 +37,6 @@ class StudyResults:
     front: pd.DataFrame
     hypervolume: float | None
     folder: Path
-
-
-def _nan_to_none(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def _trainable(tune_config: dict[str, Any], study_raw: dict[str, Any], customs: dict) -> None:

@@ -155,13 +155,13 @@ def run_client(
         ctx.batch_indices = index
         x01, y = images[index], labels[index]
         x_used = hooks.transform_batch(x01, y, model, ctx)
-        if x_used is not x01:
-            changed = True
+        changed = changed or x_used is not x01
         for j, i in enumerate(idx.tolist()):
             if i not in seen:
                 seen.add(i)
                 used.append(i)
-                transformed[i] = x_used[j].detach()
+                if x_used is not x01:
+                    transformed[i] = x_used[j].detach()
         inputs = normalize(x_used, mean, std)
         custom = hooks.compute_gradients(model, inputs, y, ctx)
         if custom is None:
@@ -185,7 +185,10 @@ def run_client(
         delta = hooks.process_update(delta, ctx)
         message = {k: (start[k] + delta[k]).detach() for k in params}
     buffers = {k: b.detach().clone() for k, b in model.named_buffers()}
-    trained = torch.stack([transformed[i] for i in used]).cpu() if changed else None
+    trained = None
+    if changed:
+        # a defense changed some batch: examples first used in an unchanged batch trained as-is
+        trained = torch.stack([transformed.get(i, images[i]) for i in used]).cpu()
     return ClientResult(
         kind="gradient" if algorithm == "fedsgd" else "weights",
         message=message,

@@ -46,6 +46,34 @@ def _seed_int(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
+def client_context(
+    *,
+    seed: int,
+    rnd: int,
+    rounds: int,
+    client: int,
+    lr: float,
+    device: torch.device,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    algorithm: str,
+) -> ClientContext:
+    """The context of one client step, its generator seeded from (seed, round, client)."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(_seed_int(seed, 3, rnd, client))
+    return ClientContext(
+        round=rnd,
+        rounds=rounds,
+        client=client,
+        lr=lr,
+        device=device,
+        generator=gen,
+        mean=mean,
+        std=std,
+        kind="gradient" if algorithm == "fedsgd" else "weights",
+    )
+
+
 def _image_attr(data: object, name: str) -> object:
     if not hasattr(data, name):
         raise TypeError(f"dataset object {type(data).__name__} has no attribute {name!r}")
@@ -129,18 +157,16 @@ class Simulator:
         return out
 
     def _context(self, rnd: int, client: int) -> ClientContext:
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed(_seed_int(self.seed, 3, rnd, client))
-        return ClientContext(
-            round=rnd,
+        return client_context(
+            seed=self.seed,
+            rnd=rnd,
             rounds=self.config.rounds,
             client=client,
             lr=self.config.lr,
             device=self.device,
-            generator=gen,
             mean=self.mean,
             std=self.std,
-            kind="gradient" if self.config.algorithm == "fedsgd" else "weights",
+            algorithm=self.config.algorithm,
         )
 
     def _client_step(
@@ -354,18 +380,16 @@ def observe_client_step(
     work = hooks.prepare_model(copy.deepcopy(model)).to(dev)
     global_state = {k: v.detach().clone() for k, v in work.state_dict().items()}
     num_classes = int(getattr(work, "num_classes", 0) or _infer_classes(work, images.to(dev)))
-    gen = torch.Generator(device=dev)
-    gen.manual_seed(_seed_int(seed, 3, 0, 0))
-    ctx = ClientContext(
-        round=0,
+    ctx = client_context(
+        seed=seed,
+        rnd=0,
         rounds=1,
         client=0,
         lr=lr,
         device=dev,
-        generator=gen,
         mean=mean_t,
         std=std_t,
-        kind="gradient" if algorithm == "fedsgd" else "weights",
+        algorithm=algorithm,
     )
     images, labels = images.to(dev), labels.to(dev)
     result = run_client(

@@ -1,0 +1,9 @@
+"""Imported first by every benchmark script: ``benchmarks/attacks.py`` is named like the
+``attacks`` package, so a script's own folder (put on ``sys.path`` by Python) would shadow the
+package. This removes that folder from ``sys.path``."""
+
+import sys
+from pathlib import Path
+
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
