@@ -15,7 +15,7 @@ is protected by its own noisy steps.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -198,6 +198,25 @@ class DPSGD(Defense):
             sample_rate=self.sample_rate(int(inputs.shape[0]), ctx),
         )
         return grads
+
+    def state_dict(self) -> dict[str, Any]:
+        """Each client's accountant history: ``[noise_multiplier, sample_rate, steps]`` rows."""
+        return {
+            "accountants": {
+                int(c): [[float(n), float(q), int(k)] for n, q, k in acc.history]
+                for c, acc in self.accountants.items()
+            }
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Rebuild the accountants from :meth:`state_dict`'s histories."""
+        from opacus.accountants import RDPAccountant
+
+        self.accountants = {}
+        for client, history in state.get("accountants", {}).items():
+            acc = RDPAccountant()
+            acc.history = [(float(n), float(q), int(k)) for n, q, k in history]
+            self.accountants[int(client)] = acc
 
     def epsilon(self, delta: float | None = None) -> float | None:
         """The worst-case ε over clients at ``delta`` (default: the ``delta`` hyperparameter).

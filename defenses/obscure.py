@@ -11,7 +11,7 @@ No public code exists; this module implements the design fixed for Obscura (see 
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -191,10 +191,43 @@ class Obscure(Defense):
         self.last_losses: dict[int, list[float]] = {}
         """Per client: the objective (1) before each Adam step of its latest batch, then after."""
 
+    def state_dict(self) -> dict[str, Any]:
+        """Each client's generator weights, its Adam state and its latest losses."""
+        return {
+            "clients": {
+                int(c): {
+                    "channels": int(gen.head.out_channels),
+                    "generator": {k: v.detach().cpu() for k, v in gen.state_dict().items()},
+                    "optimizer": self.optimizers[c].state_dict(),
+                    "last_losses": [float(v) for v in self.last_losses.get(c, [])],
+                }
+                for c, gen in self.generators.items()
+            }
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Rebuild the clients' generators and optimizers from :meth:`state_dict` (on the CPU;
+        :meth:`generator_for` moves them to the data's device on first use)."""
+        self.generators, self.optimizers, self.last_losses = {}, {}, {}
+        for client, entry in state.get("clients", {}).items():
+            gen = ObscureGenerator(
+                int(entry["channels"]), self.params.width, residual=self.params.residual
+            )
+            gen.load_state_dict(entry["generator"])
+            opt = torch.optim.Adam(gen.parameters(), lr=self.params.generator_lr)
+            opt.load_state_dict(entry["optimizer"])
+            self.generators[int(client)] = gen
+            self.optimizers[int(client)] = opt
+            self.last_losses[int(client)] = list(entry["last_losses"])
+
     def generator_for(self, images: torch.Tensor, ctx: ClientContext) -> ObscureGenerator:
         """The client's generator, created (deterministically seeded) on its first batch."""
         gen = self.generators.get(ctx.client)
         if gen is not None:
+            if next(gen.parameters()).device != images.device:  # restored from a checkpoint
+                gen.to(images.device)
+                opt = self.optimizers[ctx.client]
+                opt.load_state_dict(opt.state_dict())  # casts Adam's moments to the new device
             return gen
         draw = int(torch.randint(0, 2**62, (1,), generator=ctx.generator, device=ctx.device))
         with torch.random.fork_rng(devices=[]):

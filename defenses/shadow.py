@@ -320,6 +320,14 @@ class ShadowDefense(Defense):
         self.shadow_model: ShadowModel = shadow_model or SHADOW_MODELS[p.shadow](p)
         self._maps: dict[tuple[int, int], torch.Tensor] = {}
 
+    def state_dict(self) -> dict[str, Any]:
+        """The momentum maps, as ``[client, position, map]`` rows."""
+        return {"maps": [[c, pos, m.detach().cpu()] for (c, pos), m in self._maps.items()]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the momentum maps of :meth:`state_dict` (moved to the data's device on use)."""
+        self._maps = {(int(c), int(pos)): m for c, pos, m in state.get("maps", [])}
+
     def previous_map(self, client: int, position: int) -> torch.Tensor | None:
         """The momentum map (H, W) kept for ``client``'s example at ``position``, if any."""
         return self._maps.get((client, position))

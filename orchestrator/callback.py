@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -117,6 +118,7 @@ class StudyCallback(tune.Callback):
             for o in self.config.objectives
         )
         print(f"[obscura] trial {row['number']} ({defense}) completed: {shown}", flush=True)
+        _drop_checkpoints(trial)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         row = self._base_row(trial, "failed")
@@ -137,6 +139,7 @@ class StudyCallback(tune.Callback):
             f"[obscura] trial {row['number']} ({defense}) FAILED: {error.splitlines()[-1]}",
             flush=True,
         )
+        _drop_checkpoints(trial)
 
     def _tags(self, defense: str, result: dict[str, Any]) -> dict[str, str]:
         from orchestrator.tracking import code_version
@@ -152,6 +155,19 @@ class StudyCallback(tune.Callback):
             "device": str(result.get("device", "")),
             "gpu_ids": str(result.get("gpu_ids", "")),
         }
+
+
+def _drop_checkpoints(trial: Any) -> None:
+    """Delete a finished trial's round checkpoints: they hold its captured updates and the
+    victims' private images, and are only needed while Ray Tune may still retry it."""
+    path = getattr(trial, "path", None)
+    if not path or not Path(path).is_dir():
+        return
+    for folder in Path(path).glob("checkpoint_*"):
+        try:
+            shutil.rmtree(folder)
+        except OSError as err:
+            print(f"[obscura] warning: could not delete the checkpoint {folder}: {err}", flush=True)
 
 
 def _error_text(trial: Any) -> str:

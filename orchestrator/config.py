@@ -144,6 +144,12 @@ class SearchSection(BaseModel):
     trials: int = Field(8, ge=1)
     concurrency: int = Field(1, ge=1)
     max_failures: int = Field(0, ge=0, description="Retries of a failed trial (Ray Tune).")
+    checkpoint_every: int = Field(
+        1,
+        ge=0,
+        description="Rounds between a trial's checkpoints (0: none); a retried trial resumes "
+        "from its latest one.",
+    )
 
 
 class ResourcesSection(BaseModel):

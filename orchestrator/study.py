@@ -15,9 +15,12 @@ failed in Optuna, dropped from Parquet and its MLflow run marked KILLED, and the
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,7 +57,17 @@ def _trainable(tune_config: dict[str, Any], study_raw: dict[str, Any], customs: 
     image_dir = None
     if config.tracking.log_images != "none":
         image_dir = config.folder / "images" / trial_id
-    outcome = run_trial(config, defense, params, image_dir=image_dir)
+    outcome = run_trial(
+        config,
+        defense,
+        params,
+        image_dir=image_dir,
+        restore=_load_checkpoint(),
+        on_checkpoint=(
+            functools.partial(_save_checkpoint, config) if config.search.checkpoint_every else None
+        ),
+        checkpoint_every=config.search.checkpoint_every,
+    )
     report: dict[str, Any] = {
         k: (float("nan") if v is None else float(v)) for k, v in outcome.metrics.items()
     }
@@ -68,6 +81,40 @@ def _trainable(tune_config: dict[str, Any], study_raw: dict[str, Any], customs: 
         images_json=json.dumps([str(p) for p in outcome.images]),
     )
     tune.report(report)
+
+
+CHECKPOINT_FILE = "simulator.pt"
+
+
+def _load_checkpoint() -> dict[str, Any] | None:
+    """The simulator state of this trial's latest round checkpoint, when Ray Tune retries it."""
+    import torch
+    from ray import tune
+
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        state = torch.load(Path(folder) / CHECKPOINT_FILE, weights_only=True, map_location="cpu")
+    print(f"[obscura] trial resumes from its checkpoint after round {state['round']}", flush=True)
+    return state
+
+
+def _save_checkpoint(config: StudyConfig, state: dict[str, Any], record: Any) -> None:
+    """Report a round to Ray Tune with the simulator's state as the trial's checkpoint.
+
+    Ray Tune wants the search's objectives in every report; they are NaN until the trial's
+    final report (multi-objective OptunaSearch ignores intermediate results)."""
+    import tempfile
+
+    import torch
+    from ray import tune
+
+    metrics: dict[str, Any] = {o.metric: float("nan") for o in config.objectives}
+    metrics.update(phase="training", round=record.round, train_loss=record.train_loss)
+    with tempfile.TemporaryDirectory() as folder:
+        torch.save(state, Path(folder) / CHECKPOINT_FILE)
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
 
 
 class Study:
@@ -130,6 +177,10 @@ class Study:
                 f"{folder} already holds a study; add --resume to continue it, or choose "
                 "another --output or study name"
             )
+        # Ray first: an unreachable cluster or a GPU it lacks ends the study before anything
+        # is written (no folder, no MLflow run).
+        self._start_ray(address)
+        self._check_cluster()
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "study.yaml").write_text(dump_study(cfg))
 
@@ -141,8 +192,6 @@ class Study:
         if not resume or tracker_is_new(tracker):
             tracker.log_study(_flat_params(cfg), dump_study(cfg))
         if remaining > 0:
-            self._start_ray(address)
-            self._check_cluster()
             searcher = _searcher(cfg, storage, points)
             trainable = tune.with_resources(
                 tune.with_parameters(
@@ -164,11 +213,19 @@ class Study:
                     storage_path=str(folder / "ray"),
                     callbacks=[callback],
                     failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures),
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                     verbose=verbose,
                 ),
             )
             try:
-                tuner.fit()
+                # Ctrl-C raises KeyboardInterrupt here instead of Ray Tune's own handler, which
+                # would return as if the study were done and suggest Tuner.restore (not ours).
+                # Round checkpoints make Tune snapshot often; its warning about that is noise.
+                with _environ(
+                    TUNE_DISABLE_SIGINT_HANDLER="1",
+                    TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S="0",
+                ):
+                    tuner.fit()
             except KeyboardInterrupt:
                 tracker.interrupt()
                 print(
@@ -212,12 +269,14 @@ class Study:
         return done, points
 
     def _preflight(self) -> None:
-        """Checks that need the data, before any trial starts: the dataset's files load (a
-        missing or corrupt file is one readable error here, not a failure in every trial) and
-        there are at least as many training examples as clients."""
+        """Checks before anything is written: an ``http(s)`` tracking server answers, the
+        dataset's files load (a missing or corrupt file is one readable error here, not a
+        failure in every trial) and there are at least as many training examples as clients."""
         from fl import data as fl_data
         from orchestrator.config import StudyFileError
+        from orchestrator.tracking import ensure_reachable
 
+        ensure_reachable(self.config.tracking.mlflow_uri)
         d = self.config.data
         train = fl_data.load(
             d.dataset, root=d.root, split="train", download=d.download, image_size=d.image_size
@@ -253,6 +312,10 @@ class Study:
         if ray.is_initialized():
             return
         target = address or os.environ.get("RAY_ADDRESS")
+        if target:
+            from orchestrator.network import check_ray_address
+
+            check_ray_address(target)
         try:
             if target:
                 ray.init(address=target, log_to_driver=True)
@@ -263,6 +326,21 @@ class Study:
                 f"cannot reach the Ray cluster at {target!r}: {err}. Start it with "
                 "`ray start --head` or drop --address to run locally"
             ) from err
+
+
+@contextlib.contextmanager
+def _environ(**values: str) -> Iterator[None]:
+    """Set environment variables for the duration of a block, then restore them."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def tracker_is_new(tracker: Any) -> bool:

@@ -29,6 +29,20 @@ class TrackingError(RuntimeError):
     """The MLflow tracking URI cannot be reached or used."""
 
 
+def ensure_reachable(uri: str) -> None:
+    """Raise TrackingError at once when an ``http(s)://`` tracking server does not answer
+    (MLflow's own client would retry with back-off for minutes)."""
+    from orchestrator.network import check_tracking_uri
+
+    why = check_tracking_uri(uri)
+    if why is not None:
+        raise TrackingError(
+            f"cannot reach the MLflow tracking server at {uri!r} ({why}). Start it "
+            "(`mlflow server`), fix tracking.mlflow_uri, or use a local file store such as "
+            "sqlite:///mlflow.db"
+        )
+
+
 def code_version() -> str:
     """The package version plus the git commit of the source tree when there is one."""
     from importlib.metadata import PackageNotFoundError, version
@@ -55,6 +69,7 @@ class StudyTracker:
     """The MLflow side of one study."""
 
     def __init__(self, uri: str, study: str, folder: Path, *, resume: bool) -> None:
+        ensure_reachable(uri)
         self.client = MlflowClient(tracking_uri=uri)
         self.uri = uri
         self.folder = folder

@@ -61,11 +61,19 @@ def run_trial(
     device: str | None = None,
     on_round: Callable[[RoundRecord], None] | None = None,
     progress: Callable[[str], None] | None = None,
+    restore: dict[str, Any] | None = None,
+    on_checkpoint: Callable[[dict[str, Any], RoundRecord], None] | None = None,
+    checkpoint_every: int = 1,
 ) -> TrialOutcome:
     """Run one trial of ``config`` with ``defense`` at ``params`` (over its defaults).
 
     Seeds torch from the study seed so that trials differ only by their defense configuration.
     ``progress`` receives one line per finished attack run (``on_round`` one record per round).
+
+    Round-level checkpoints: ``on_checkpoint`` receives the simulator's state
+    (:meth:`fl.simulation.Simulator.state_dict`) every ``checkpoint_every`` rounds and after
+    the last round; ``restore`` is such a state, from which the federated run continues (the
+    result equals the uninterrupted run's). ``seconds_train`` counts this attempt's rounds only.
     Attacks see only the captured observations, restricted to each attack's capabilities;
     scoring uses the ground truth (the clients' ORIGINAL images) with the canonical protocol.
     """
@@ -104,6 +112,15 @@ def run_trial(
         seed=config.seed,
         on_round=on_round,
     )
+    if restore is not None:
+        sim.load_state_dict(restore)
+    rounds_total = config.federation.rounds
+    while sim.round < rounds_total:
+        record = sim.run_round()
+        if on_checkpoint is not None and (
+            sim.round % max(1, checkpoint_every) == 0 or sim.round == rounds_total
+        ):
+            on_checkpoint(sim.state_dict(), record)
     result = sim.run()
     seconds_train = time.perf_counter() - t0
 

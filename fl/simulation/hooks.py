@@ -11,7 +11,7 @@ update. :meth:`ClientHooks.prepare_model` runs once on the global model before t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -93,3 +93,18 @@ class ClientHooks:
     def epsilon(self, delta: float) -> float | None:
         """The privacy loss spent so far, for defenses with an accountant; None otherwise."""
         return None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The hooks' state carried from round to round (per-client generators, accountants,
+        maps), for round-level checkpoints. Only tensors, numbers, strings, None, lists and
+        dicts, so that it loads with ``torch.load(..., weights_only=True)``. Stateless hooks
+        return ``{}``; stateful ones override this and :meth:`load_state_dict`."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (on hooks built with the same parameters)."""
+        if state:
+            raise ValueError(
+                f"{type(self).__name__} keeps no state but a checkpoint holds some for it "
+                f"({sorted(state)}); it must override state_dict() and load_state_dict()"
+            )

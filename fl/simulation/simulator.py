@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,6 +41,39 @@ class RunResult:
     model: nn.Module
     partition_sizes: list[int]
     final_metrics: dict[str, float | None] = field(default_factory=dict)
+
+
+CHECKPOINT_VERSION = 1
+"""Bumped whenever :meth:`Simulator.state_dict` changes shape."""
+
+
+def _to_cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in tensors.items()}
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    """``value`` with every tensor in it (through dicts and lists) moved to ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_to(v, device) for v in value)
+    return value
+
+
+def _capture_state(obs: Observation, truth: GroundTruth) -> dict[str, Any]:
+    """A captured step as plain values (the observation's model is left out: it is the
+    architecture with ``global_state`` loaded, rebuilt on restore)."""
+    fields = {f.name: getattr(obs, f.name) for f in dataclasses.fields(obs) if f.name != "model"}
+    for name in ("global_state", "message", "buffers"):
+        fields[name] = _to_cpu(fields[name])
+    if fields["labels"] is not None:
+        fields["labels"] = fields["labels"].detach().cpu().clone()
+    fields["image_shape"] = list(fields["image_shape"])
+    fields["mean"], fields["std"] = list(fields["mean"]), list(fields["std"])
+    truth_fields = {f.name: getattr(truth, f.name) for f in dataclasses.fields(truth)}
+    return {"observation": fields, "truth": truth_fields}
 
 
 def _seed_int(*parts: int) -> int:
@@ -273,6 +308,76 @@ class Simulator:
             rnd=rnd,
             client=client,
         )
+
+    # --- round-level checkpoints -------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue this run after the rounds done so far, on the CPU.
+
+        Holds the global model, the round counter, the history, the captured observations
+        (without their model copies, rebuilt on load) and ground truths, the hooks' state and
+        torch's global random state. Only tensors and plain values, so it loads with
+        ``torch.load(..., weights_only=True)``. A run restored with :meth:`load_state_dict` on a
+        simulator built with the same arguments continues exactly as the uninterrupted run.
+        """
+        return {
+            "version": CHECKPOINT_VERSION,
+            "round": self.round,
+            "model": _to_cpu(self.global_model.state_dict()),
+            "history": [dataclasses.asdict(r) for r in self.history],
+            "captures": [_capture_state(o, t) for o, t in self.captures],
+            "hooks": self.hooks.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict` (see there); tensors move to this simulator's device."""
+        version = state.get("version")
+        if version != CHECKPOINT_VERSION:
+            raise ValueError(
+                f"checkpoint version {version!r} is not {CHECKPOINT_VERSION}; it was written by "
+                "another version of Obscura and cannot be resumed"
+            )
+        if int(state["round"]) > self.config.rounds:
+            raise ValueError(
+                f"checkpoint is at round {state['round']} but the run has {self.config.rounds}"
+            )
+        dev = self.device
+        self.global_model.load_state_dict(state["model"])
+        self.round = int(state["round"])
+        self.history = [RoundRecord(**r) for r in state["history"]]
+        self.captures = []
+        for entry in state["captures"]:
+            obs = entry["observation"]
+            model = copy.deepcopy(self.global_model)
+            global_state = _to(obs["global_state"], dev)
+            model.load_state_dict(global_state)
+            model.train()
+            for p in model.parameters():
+                p.requires_grad_(True)
+            labels = obs["labels"]
+            self.captures.append(
+                (
+                    Observation(
+                        **{
+                            **obs,
+                            "model": model,
+                            "global_state": global_state,
+                            "message": _to(obs["message"], dev),
+                            "buffers": _to(obs["buffers"], dev),
+                            "labels": None if labels is None else labels.to(dev),
+                            "image_shape": tuple(obs["image_shape"]),
+                            "mean": tuple(obs["mean"]),
+                            "std": tuple(obs["std"]),
+                        }
+                    ),
+                    GroundTruth(**entry["truth"]),
+                )
+            )
+        self.hooks.load_state_dict(state["hooks"])  # each hook moves its tensors on use
+        torch.set_rng_state(state["torch_rng"])
+        if self.device.type == "cuda" and state["cuda_rng"]:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
 
     def run(self) -> RunResult:
         """Run all remaining rounds and return the history, captures and final model."""

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from defenses import Defense, register_defense, unregister_defense
+from defenses import Defense, DefenseParams, register_defense, unregister_defense
 from orchestrator import Study
 from orchestrator.config import load_study
 
@@ -294,3 +294,169 @@ def test_losing_a_worker_node_reschedules_the_trial(tiny_study) -> None:
     assert len(trials) == 1 and trials["status"].iloc[0] == "completed"
     assert trials["test_accuracy"].notna().all()
     assert trials["retries"].iloc[0] >= 1  # the node loss hit the running trial
+
+
+class _FlakyParams(DefenseParams):
+    log: str = ""
+    fail_at_round: int = 2
+
+
+class _Flaky(Defense):
+    """A user's defense that crashes once, at the first batch of ``fail_at_round`` (its first
+    attempt only), and logs every (round, client) it trains, so a test can see which rounds
+    the retry ran again."""
+
+    Params = _FlakyParams
+
+    def transform_batch(self, images, labels, model, ctx):
+        log = Path(self.params.log)
+        if ctx.step == 0:
+            with log.open("a") as f:
+                f.write(f"{ctx.round} {ctx.client}\n")
+            crashed = log.with_suffix(".crashed")
+            if ctx.round == self.params.fail_at_round and not crashed.exists():
+                crashed.touch()
+                raise RuntimeError("the node went away")
+        return images
+
+
+def test_a_retried_trial_resumes_from_its_round_checkpoint(tiny_study, tmp_path) -> None:
+    """A trial that fails in round 2 of 4 is retried (search.max_failures) from its checkpoint
+    after round 1: rounds 0 and 1 are not trained again, and the result equals a trial that
+    never failed."""
+    import ray
+
+    from orchestrator.trial import run_trial
+
+    log = tmp_path / "rounds.log"
+    register_defense("flaky")(_Flaky)
+    try:
+        cfg = load_study(
+            tiny_study(
+                {
+                    "defenses": {"flaky": {"log": str(log)}},
+                    "search": {"sampler": "random", "trials": 1, "max_failures": 1},
+                    "federation.rounds": 4,
+                    "attacks": [
+                        {
+                            "name": "idlg",
+                            "rounds": [0, 3],
+                            "victims": 1,
+                            "params": {"iterations": 2},
+                        }
+                    ],
+                }
+            )
+        )
+        ray.shutdown()
+        ray.init(num_cpus=1, include_dashboard=False, configure_logging=False, log_to_driver=False)
+        try:
+            Study(cfg).run(verbose=0)
+        finally:
+            ray.shutdown()
+        clean = run_trial(cfg, "none", {})
+    finally:
+        unregister_defense("flaky")
+    trained = [tuple(map(int, line.split())) for line in log.read_text().splitlines()]
+    rounds = [r for r, _ in trained]
+    per_round = cfg.federation.clients_per_round
+    # first attempt: rounds 0, 1 and the crash at 2's first client; the retry: rounds 2 and 3
+    assert rounds.count(0) == rounds.count(1) == per_round, trained
+    assert rounds.count(2) == per_round + 1 and rounds.count(3) == per_round, trained
+    trials = pd.read_parquet(cfg.folder / "trials.parquet")
+    assert len(trials) == 1 and trials["status"].iloc[0] == "completed"
+    assert trials["retries"].iloc[0] == 1
+    for key in ("test_accuracy", "attack_psnr_max"):
+        assert trials[key].iloc[0] == pytest.approx(clean.metrics[key], abs=1e-9), key
+    rounds_table = pd.read_parquet(cfg.folder / "rounds.parquet")
+    assert sorted(rounds_table["round"]) == [0, 1, 2, 3]
+    attacks = pd.read_parquet(cfg.folder / "attacks.parquet")
+    assert sorted(set(attacks["round"])) == [0, 3]
+    # the checkpoints (captured updates, private images) are gone once the trial completed
+    assert not list((cfg.folder / "ray").rglob("simulator.pt"))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_unreachable_tracking_server_and_ray_address_are_one_line_errors(
+    tiny_study, tmp_path, capsys
+) -> None:
+    """Nothing listens on the port: exit 1 in seconds, a message naming the address and the
+    fix, no traceback, nothing written (Ray alone would wait for minutes)."""
+    import ray
+
+    from orchestrator.cli import main
+
+    ray.shutdown()
+    port = _free_port()
+    tracking = tiny_study({"tracking.mlflow_uri": f"http://127.0.0.1:{port}"}, name="tracking.yaml")
+    started = time.perf_counter()
+    assert main(["study", str(tracking)]) == 1
+    err = capsys.readouterr().err
+    assert f"http://127.0.0.1:{port}" in err and "mlflow server" in err, err
+    assert "Traceback" not in err
+    study = tiny_study(name="ray.yaml")
+    assert main(["study", str(study), "--address", f"127.0.0.1:{port}"]) == 1
+    err = capsys.readouterr().err
+    assert f"127.0.0.1:{port}" in err and "ray start --head" in err, err
+    assert "Traceback" not in err
+    assert time.perf_counter() - started < 60
+    assert not ray.is_initialized()
+    assert not (tmp_path / "results").exists()
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_study_cleanly_and_says_how_to_resume(tiny_study) -> None:
+    """SIGINT to the driver's process group (what Ctrl-C does) mid-study: exit status 130, the
+    resume command printed, no traceback; ``--resume`` then completes the study."""
+    path = tiny_study({"search.concurrency": 1})
+    cfg = load_study(path)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "study", str(path)],
+        cwd=ROOT,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    trials_file = cfg.folder / "trials.parquet"
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline:
+            if trials_file.exists():
+                df = pd.read_parquet(trials_file)
+                if (df["status"] == "completed").sum() >= 1 and (df["status"] == "running").any():
+                    break
+            time.sleep(0.2)
+        else:
+            pytest.fail("the study did not reach its second trial in time")
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, err[-3000:]
+    assert "--resume" in err and "Traceback" not in err, err[-3000:]
+    df = pd.read_parquet(trials_file)
+    assert (df["status"] == "completed").sum() < 4
+    resumed = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "study", str(path), "--resume"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    df = pd.read_parquet(trials_file)
+    assert df["trial_id"].is_unique
+    assert (df["status"] == "completed").sum() == 4 and len(df) == 4
+    _, children = _children(cfg.tracking.mlflow_uri, cfg.study)
+    assert not [c for c in children if c.info.status == "RUNNING"]
