@@ -16,6 +16,7 @@ from attacks.objectives import (
     l2_distance,
     soft_cross_entropy,
     total_variation,
+    weighted_sq_norm,
 )
 from attacks.optim import run_lbfgs, run_signed_adam
 from attacks.setup import InversionSetup
@@ -170,8 +171,10 @@ class InvertingGradients(Attack):
             def matched() -> list[torch.Tensor]:
                 return unrolled_update(setup, x, plan.targets(), lr, steps, batch)
 
+        target_sq_norm = weighted_sq_norm(setup.target, weights)
+
         def objective() -> torch.Tensor:
-            loss = cosine_distance(matched(), setup.target, weights)
+            loss = cosine_distance(matched(), setup.target, weights, target_sq_norm=target_sq_norm)
             if p.tv > 0:
                 loss = loss + p.tv * total_variation(x)
             return loss

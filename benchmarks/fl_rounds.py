@@ -5,6 +5,13 @@ ConvNet at width 32, PneumoniaMNIST at 28 px, FedAvg with one local epoch at bat
 of the full training set, evaluation on the test split after every round.
 
     python benchmarks/fl_rounds.py --data-root ../shared/data [--rounds 5] [--device auto]
+    python benchmarks/fl_rounds.py --compare-straightforward [--channels-last]
+
+``--compare-straightforward`` first runs the same workload as the straightforward sequential
+loop a FL tutorial writes (the model deep-copied for every client, a DataLoader over the
+client's examples, ``optimizer.step()``, a state-dict average, evaluation with autograd on),
+then the simulator, in the same process on the same data and seed, and prints the ratio of
+their total times (issue 8's target: at most 0.8).
 
 Run it on an idle machine: on 2 cores any other process slows torch many times over.
 """
@@ -45,6 +52,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    parser.add_argument(
+        "--compare-straightforward",
+        action="store_true",
+        help="also time the straightforward sequential loop and print the ratio",
+    )
+    parser.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="the simulator's channels-last option (federation.channels_last)",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -63,7 +80,11 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size,
         lr=0.01,
         partition=PartitionConfig(scheme="iid"),
+        channels_last=args.channels_last,
     )
+    straightforward_total = None
+    if args.compare_straightforward:
+        straightforward_total = straightforward_loop(model, train, test, cfg, device)
     rss_before = peak_rss_mb()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -90,10 +111,79 @@ def main(argv: list[str] | None = None) -> int:
         f"seconds per round: median {statistics.median(times):.2f}, "
         f"min {min(times):.2f}, max {max(times):.2f}; total {total:.1f} s for {args.rounds} rounds"
     )
+    if straightforward_total is not None:
+        print(
+            f"simulator / straightforward loop: {total:.1f} s / {straightforward_total:.1f} s "
+            f"= {total / straightforward_total:.2f}"
+        )
     print(f"peak RSS: {peak_rss_mb():.0f} MiB (before the run: {rss_before:.0f} MiB)")
     if device.type == "cuda":
         print(f"peak CUDA memory: {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB")
     return 0
+
+
+def straightforward_loop(
+    model: torch.nn.Module,
+    train: data.ImageData,
+    test: data.ImageData,
+    cfg: FederationConfig,
+    device: torch.device,
+) -> float:
+    """The workload as a plain FL tutorial loop; prints per-round times, returns the total."""
+    import copy
+
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from fl.simulation.normalization import normalize
+
+    parts = data.partition(train.labels.numpy(), cfg.clients, scheme="iid", seed=0)
+    x_train = normalize(train.float_images(), train.mean, train.std)
+    x_test = normalize(test.float_images(), train.mean, train.std).to(device)
+    y_test = test.labels.to(device)
+    global_model = copy.deepcopy(model).to(device)
+    generator = torch.Generator().manual_seed(0)
+    print("straightforward loop:")
+    times = []
+    t_all = time.perf_counter()
+    for rnd in range(cfg.rounds):
+        t0 = time.perf_counter()
+        states, sizes = [], []
+        for part in parts:
+            local = copy.deepcopy(global_model)
+            local.train()
+            opt = torch.optim.SGD(local.parameters(), lr=cfg.lr)
+            idx = torch.as_tensor(part)
+            loader = DataLoader(
+                TensorDataset(x_train[idx], train.labels[idx]),
+                batch_size=cfg.batch_size,
+                shuffle=True,
+                generator=generator,
+            )
+            for xb, yb in loader:
+                opt.zero_grad()
+                F.cross_entropy(local(xb.to(device)), yb.to(device)).backward()
+                opt.step()
+            states.append(local.state_dict())
+            sizes.append(len(part))
+        weights = [n / sum(sizes) for n in sizes]
+        averaged = {
+            k: sum(w * s[k].float() for w, s in zip(weights, states, strict=True)).to(v.dtype)
+            for k, v in states[0].items()
+        }
+        global_model.load_state_dict(averaged)
+        global_model.eval()
+        correct = 0
+        for start in range(0, len(x_test), cfg.batch_size):  # autograd left on
+            logits = global_model(x_test[start : start + cfg.batch_size])
+            correct += int((logits.argmax(1) == y_test[start : start + cfg.batch_size]).sum())
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+        print(f"{rnd:>5} {times[-1]:>8.2f} {'':>10} {correct / len(x_test):>8.4f}")
+    total = time.perf_counter() - t_all
+    print(f"straightforward loop: {total:.1f} s for {cfg.rounds} rounds")
+    return total
 
 
 if __name__ == "__main__":

@@ -46,9 +46,31 @@ def _load_split(dataset: str, root: str, split: str, download: bool, size: int |
     return fl_data.load(dataset, root=root, split=split, download=download, image_size=size)
 
 
+def _reset_peak_memory(device: torch.device) -> None:
+    """Start a trial's peak-memory measurement: CUDA's peak counter, or on Linux the process's
+    peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs``) so that a Ray worker
+    reused for several trials reports each trial's own peak."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    clear = Path("/proc/self/clear_refs")
+    if clear.exists():
+        try:
+            clear.write_text("5")
+        except OSError as err:  # not permitted in some containers: the process peak is used
+            print(f"[obscura] peak memory is the process's, not the trial's: {err}", flush=True)
+
+
 def _peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of the trial in MiB: CUDA memory allocated on a GPU; on a CPU the peak
+    resident set since :func:`_reset_peak_memory` (``VmHWM``), else the process's peak."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
@@ -82,8 +104,7 @@ def run_trial(
         from attacks.lpips_net import configure
 
         configure(backbone_path=config.lpips_backbone)
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
+    _reset_peak_memory(dev)
     d = config.data
     train = _load_split(d.dataset, str(d.root), "train", d.download, d.image_size)
     test = _load_split(d.dataset, str(d.root), "test", d.download, d.image_size)
@@ -125,6 +146,7 @@ def run_trial(
     seconds_train = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    seconds_metrics = 0.0
     records: list[dict[str, Any]] = []
     per_attack: dict[str, dict[str, float | None]] = {}
     images: list[Path] = []
@@ -141,7 +163,9 @@ def run_trial(
             t1 = time.perf_counter()
             rec = attack.run(obs, spec.capabilities)
             seconds = time.perf_counter() - t1
+            t1 = time.perf_counter()
             s = score(rec, truth, success_psnr=config.success_psnr, device=str(dev))
+            seconds_metrics += time.perf_counter() - t1
             if progress is not None:
                 progress(
                     f"attack {spec.key} round {obs.round} client {obs.client}: "
@@ -192,6 +216,7 @@ def run_trial(
     metrics["epsilon"] = hooks.epsilon(float(delta))
     metrics["seconds_train"] = seconds_train
     metrics["seconds_attack"] = seconds_attack
+    metrics["seconds_metrics"] = seconds_metrics
     metrics["peak_memory_mb"] = _peak_memory_mb(dev)
     rounds_rows = [
         {

@@ -172,6 +172,9 @@ class Simulator:
             self.test_images = test.float_images()  # type: ignore[attr-defined]
             self.test_labels = _image_attr(test, "labels")
         self.global_model = self.hooks.prepare_model(model).to(self.device)
+        if config.channels_last:
+            self.global_model = self.global_model.to(memory_format=torch.channels_last)
+            self.train_images = self.train_images.contiguous(memory_format=torch.channels_last)
         self.client_model = copy.deepcopy(self.global_model)
         self.round = 0
         self.history: list[RoundRecord] = []
@@ -414,17 +417,17 @@ def build_observation(
     The observation's model is a fresh copy of the architecture with ``global_state`` loaded;
     every tensor in it is a detached copy, so nothing the attack does can touch the run.
     """
-    seen = copy.deepcopy(model)
+    seen = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
     seen.load_state_dict(global_state)
     seen.train()
     for p in seen.parameters():
         p.requires_grad_(True)
     obs = Observation(
         model=seen,
-        global_state={k: v.detach().clone() for k, v in global_state.items()},
+        global_state={k: v.detach().contiguous().clone() for k, v in global_state.items()},
         kind=result.kind,  # type: ignore[arg-type]
-        message={k: v.detach().clone() for k, v in result.message.items()},
-        buffers={k: v.detach().clone() for k, v in result.buffers.items()},
+        message={k: v.detach().contiguous().clone() for k, v in result.message.items()},
+        buffers={k: v.detach().contiguous().clone() for k, v in result.buffers.items()},
         num_examples=result.num_examples,
         image_shape=tuple(images.shape[1:]),  # type: ignore[arg-type]
         num_classes=num_classes,

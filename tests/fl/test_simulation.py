@@ -311,3 +311,41 @@ def test_partition_used_by_simulator_is_nonempty(pneumonia_train) -> None:
     sim = Simulator(model, pneumonia_train, cfg, device="cpu")
     assert all(len(p) > 0 for p in sim.partition) and len(sim.partition) == 6
     assert data.label_skew(sim.partition, pneumonia_train.labels.numpy(), 2) > 0
+
+
+def test_channels_last_gives_the_same_run_up_to_rounding(pneumonia_train, pneumonia_test) -> None:
+    """The channels-last fast path (issue 8) computes the same client step as the default
+    layout (messages equal to float tolerance on continuous-valued images); on uint8 images
+    max-pool ties may be broken at other positions, so a whole run is compared by its
+    losses and accuracy. Observations reach the attacks in the default layout."""
+    torch.manual_seed(0)
+    images = (real_images(16) + 0.01 * torch.randn(4, 3, 16, 16)).clamp(0, 1)
+    labels = torch.tensor([0, 1, 1, 0])
+    messages = []
+    for channels_last in (False, True):
+        torch.manual_seed(0)
+        model = models.build("convnet", channels=3, classes=2, image_size=16, width=8)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+            images = images.contiguous(memory_format=torch.channels_last)
+        obs, _ = observe_client_step(model, images, labels, algorithm="fedsgd")
+        assert all(v.is_contiguous() for v in obs.message.values())
+        assert all(p.is_contiguous() for p in obs.model.parameters())
+        messages.append(obs.message)
+    for name, value in messages[0].items():
+        assert torch.allclose(value, messages[1][name], atol=1e-5, rtol=1e-4), name
+
+    train, test = pneumonia_train.subset(range(96)), pneumonia_test.subset(range(64))
+    runs = {}
+    for channels_last in (False, True):
+        torch.manual_seed(0)
+        model = models.build("convnet", channels=1, classes=2, image_size=28, width=8)
+        cfg = small_config(channels_last=channels_last, batch_size=8)
+        runs[channels_last] = Simulator(model, train, cfg, test=test, device="cpu").run()
+    for slow, fast in zip(runs[False].history, runs[True].history, strict=True):
+        assert fast.train_loss == pytest.approx(slow.train_loss, rel=0.05)
+        assert fast.metrics["accuracy"] == pytest.approx(slow.metrics["accuracy"], abs=0.05)
+    assert (
+        next(runs[True].model.parameters()).is_contiguous(memory_format=torch.channels_last)
+        or next(runs[True].model.parameters()).ndim < 4
+    )
