@@ -85,34 +85,126 @@ def run_signed_adam(
     3/8, 5/8 and 7/8 of the iterations, and the image boxed to ``[lower, upper]`` after each
     step. ``extra`` variables (e.g. a learnable scale) use plain gradients. Stops cleanly on
     divergence, restoring the last finite state; returns (final loss, steps run, diverged)."""
-    opt = torch.optim.Adam([x, *extra], lr=lr)
+    losses, steps, diverged = _signed_adam(
+        x,
+        objective,
+        iterations=iterations,
+        lr=lr,
+        lower=lower,
+        upper=upper,
+        decay=decay,
+        signed=signed,
+        extra=extra,
+        batched=False,
+    )
+    return losses[0], steps[0], diverged[0]
+
+
+def run_signed_adam_batched(
+    x: torch.Tensor,
+    objective: Callable[[], torch.Tensor],
+    *,
+    iterations: int,
+    lr: float,
+    lower: torch.Tensor | None = None,
+    upper: torch.Tensor | None = None,
+    decay: bool = True,
+    signed: bool = True,
+) -> tuple[list[float], list[int], list[bool]]:
+    """:func:`run_signed_adam` for V independent problems stacked along dim 0 of ``x``.
+
+    ``objective`` returns the (V,) per-victim losses, victim ``v``'s depending on ``x[v]``
+    only; the gradient of their sum is then each victim's own gradient, and since the sign, Adam,
+    the step decay and the box (``lower``/``upper`` broadcast against ``x``, e.g. (V, 1, C, 1, 1))
+    all act elementwise, every ``x[v]`` follows the trajectory of its own
+    :func:`run_signed_adam` run. A victim whose loss turns non-finite is restored to its last
+    finite state and frozen there, as a separate run would stop; the others go on. Returns the
+    per-victim (final losses, steps run, diverged)."""
+    return _signed_adam(
+        x,
+        objective,
+        iterations=iterations,
+        lr=lr,
+        lower=lower,
+        upper=upper,
+        decay=decay,
+        signed=signed,
+        extra=(),
+        batched=True,
+    )
+
+
+def _signed_adam(
+    x: torch.Tensor,
+    objective: Callable[[], torch.Tensor],
+    *,
+    iterations: int,
+    lr: float,
+    lower: torch.Tensor | None,
+    upper: torch.Tensor | None,
+    decay: bool,
+    signed: bool,
+    extra: Sequence[torch.Tensor],
+    batched: bool,
+) -> tuple[list[float], list[int], list[bool]]:
+    """The loop of :func:`run_signed_adam` (one problem: a scalar loss, ``x`` and ``extra``
+    restored together) and :func:`run_signed_adam_batched` (``batched``: a (V,) loss, ``x[v]``
+    restored and frozen per victim, no ``extra``)."""
+    if batched and extra:
+        raise ValueError("extra variables are not supported for batched victims")
+    variables = [x, *extra]
+    opt = torch.optim.Adam(variables, lr=lr)
     milestones = [int(iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)]
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
-    saved = [v.detach().clone() for v in (x, *extra)]
-    last = math.inf
+    saved = [v.detach().clone() for v in variables]
+    count = x.shape[0] if batched else 1
+    last = [math.inf] * count
+    steps = [iterations] * count
+    diverged = [False] * count
+    frozen: list[int] = []
     for step in range(iterations):
         opt.zero_grad(set_to_none=False)
         loss = objective()
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            with torch.no_grad():
-                for v, s in zip((x, *extra), saved, strict=True):
-                    v.copy_(s)
-            return last, step, True
-        grads = torch.autograd.grad(loss, [x, *extra])
+        values = loss.detach().reshape(-1).tolist() if batched else [float(loss.detach())]
+        bad = [v for v in range(count) if v not in frozen and not math.isfinite(values[v])]
+        if bad:
+            for v in bad:
+                steps[v], diverged[v] = step, True
+            frozen.extend(bad)
+            if len(frozen) == count:
+                with torch.no_grad():
+                    for var, s in zip(variables, saved, strict=True):
+                        var.copy_(s)
+                return last, steps, diverged
+            # the others go on; a frozen x[v] is put back to saved[v] after every step
+        grads = torch.autograd.grad(loss.sum() if batched else loss, variables)
         x.grad = grads[0].sign() if signed else grads[0]
-        for v, g in zip(extra, grads[1:], strict=True):
-            v.grad = g
+        for v in frozen:
+            x.grad[v] = 0
+        for var, g in zip(extra, grads[1:], strict=True):
+            var.grad = g
         opt.step()
         if decay:
             sched.step()
         with torch.no_grad():
             if lower is not None and upper is not None:
                 torch.maximum(torch.minimum(x, upper, out=x), lower, out=x)
-            for v, s in zip((x, *extra), saved, strict=True):
-                s.copy_(v)
-        last = value
-    return _final(objective, last), iterations, False
+            for v in frozen:
+                x[v].copy_(saved[0][v])
+            for var, s in zip(variables, saved, strict=True):
+                s.copy_(var)
+        for v in range(count):
+            if v not in frozen:
+                last[v] = values[v]
+    if not batched:
+        return [_final(objective, last[0])], steps, diverged
+    with torch.enable_grad():
+        final = objective().detach().reshape(-1).tolist()
+    return (
+        [last[v] if v in frozen or not math.isfinite(final[v]) else final[v] for v in range(count)],
+        steps,
+        diverged,
+    )
 
 
 def run_adam(

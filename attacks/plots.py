@@ -77,9 +77,7 @@ def save_pair_grid(
     cols = min(n, _MAX_COLUMNS)
     pairs = math.ceil(n / cols)
     per = 2 if show_truth else 1
-    fig = Figure(
-        figsize=(1.4 * cols + 0.6, 1.45 * per * pairs + (0.4 if title else 0.0)), dpi=100
-    )
+    fig = Figure(figsize=(1.4 * cols + 0.6, 1.45 * per * pairs + (0.4 if title else 0.0)), dpi=100)
     FigureCanvasAgg(fig)
     axes = np.atleast_2d(fig.subplots(per * pairs, cols, squeeze=False))
     for ax in axes.flat:

@@ -96,6 +96,11 @@ class AttackSection(BaseModel):
     victims: int = Field(1, ge=1)
     params: dict[str, Any] = Field(default_factory=dict)
     capabilities: AttackerCapabilities = Field(default_factory=AttackerCapabilities)
+    batch_victims: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Reconstruct this attack's victims in one batched optimisation (Inverting "
+        "Gradients on FedSGD; identical results): 'auto' on a GPU only (slower on CPUs).",
+    )
 
     @field_validator("name")
     @classmethod
