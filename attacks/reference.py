@@ -63,4 +63,4 @@ def textbook_inverting_gradients(
         sched.step()
         with torch.no_grad():
             x.data = torch.max(torch.min(x, upper), lower)
-    return x.detach(), float(loss)
+    return x.detach(), float(loss.detach())

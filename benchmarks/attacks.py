@@ -82,6 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--repeats", type=int, default=3, help="runs of each (compare mode)")
     args = parser.parse_args(argv)
+    shared = (
+        Path(__file__).resolve().parents[1].parent / "shared/weights/lpips_alexnet_features.pth"
+    )
+    if "OBSCURA_LPIPS_BACKBONE" not in os.environ and shared.exists():
+        os.environ["OBSCURA_LPIPS_BACKBONE"] = str(shared)
     if args.compare_reference:
         return compare_reference(
             resolve_device(args.device),
@@ -91,11 +96,6 @@ def main(argv: list[str] | None = None) -> int:
             repeats=args.repeats,
         )
     args.width = args.width or 32
-    shared = (
-        Path(__file__).resolve().parents[1].parent / "shared/weights/lpips_alexnet_features.pth"
-    )
-    if "OBSCURA_LPIPS_BACKBONE" not in os.environ and shared.exists():
-        os.environ["OBSCURA_LPIPS_BACKBONE"] = str(shared)
     device = resolve_device(args.device)
     images = sample_images(args.size, 8)
     labels = torch.tensor([3, 7, 1, 5, 0, 9, 2, 8])

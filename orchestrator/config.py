@@ -97,9 +97,10 @@ class AttackSection(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict)
     capabilities: AttackerCapabilities = Field(default_factory=AttackerCapabilities)
     batch_victims: Literal["auto", "on", "off"] = Field(
-        "auto",
+        "off",
         description="Reconstruct this attack's victims in one batched optimisation (Inverting "
-        "Gradients on FedSGD; identical results): 'auto' on a GPU only (slower on CPUs).",
+        "Gradients on FedSGD): 'on', 'off', or 'auto' (on a GPU only; slower on CPUs). Equal "
+        "to separate runs up to float rounding, which signed Adam can amplify on long runs.",
     )
 
     @field_validator("name")
