@@ -27,7 +27,12 @@ from torch.func import functional_call, grad, vmap
 from attacks.base import Attack
 from attacks.gradient import InvertingGradients, InvertingGradientsParams, _layer_weights
 from attacks.label_modes import LabelPlan, plan_labels
-from attacks.objectives import cosine_distance, soft_cross_entropy, total_variation
+from attacks.objectives import (
+    cosine_distance,
+    soft_cross_entropy,
+    total_variation,
+    weighted_sq_norm,
+)
 from attacks.optim import run_signed_adam_batched
 from attacks.reconstruction import Reconstruction
 from attacks.setup import InversionSetup
@@ -218,6 +223,7 @@ def _run_batched(
     names = setups[0].names
     targets = [torch.stack([s.target[i] for s in setups]) for i in range(len(names))]
     weights = _layer_weights(p.layer_weights, len(names), device)
+    target_sq_norms = torch.stack([weighted_sq_norm(s.target, weights) for s in setups])
 
     # The architecture, with BatchNorm written out (see _BatchStatsNorm); the victims' tensors
     # are swapped in by functional_call.
@@ -234,6 +240,7 @@ def _run_batched(
         rest_v: dict[str, torch.Tensor],
         buffers_v: dict[str, torch.Tensor],
         target_v: list[torch.Tensor],
+        target_sq_norm_v: torch.Tensor,
         labels_v: torch.Tensor,
     ) -> torch.Tensor:
         """One victim's eq. 4: the cosine distance between the dummy batch's gradient w.r.t.
@@ -244,16 +251,18 @@ def _run_batched(
             return soft_cross_entropy(functional_call(template, state, (x_v,)), labels_v)
 
         dummy = grad(train_loss)(matched_v)
-        loss = cosine_distance([dummy[n] for n in names], target_v, weights)
+        loss = cosine_distance(
+            [dummy[n] for n in names], target_v, weights, target_sq_norm=target_sq_norm_v
+        )
         if p.tv > 0:
             loss = loss + p.tv * total_variation(x_v)
         return loss
 
-    losses_of = vmap(victim_loss, in_dims=(0, matched_dims, param_dims, buffer_dims, 0, 0))
+    losses_of = vmap(victim_loss, in_dims=(0, matched_dims, param_dims, buffer_dims, 0, 0, 0))
 
     def objective() -> torch.Tensor:
         """The (V,) per-victim losses at the current stacked dummy images."""
-        return losses_of(x, matched, params, buffers, targets, labels)
+        return losses_of(x, matched, params, buffers, targets, target_sq_norms, labels)
 
     lower = torch.stack([s.lower for s in setups]) if p.boxed else None
     upper = torch.stack([s.upper for s in setups]) if p.boxed else None

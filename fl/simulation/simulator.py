@@ -352,12 +352,8 @@ class Simulator:
         self.captures = []
         for entry in state["captures"]:
             obs = entry["observation"]
-            model = copy.deepcopy(self.global_model)
             global_state = _to(obs["global_state"], dev)
-            model.load_state_dict(global_state)
-            model.train()
-            for p in model.parameters():
-                p.requires_grad_(True)
+            model = server_view(self.global_model, global_state)
             labels = obs["labels"]
             self.captures.append(
                 (
@@ -396,6 +392,17 @@ class Simulator:
         )
 
 
+def server_view(model: nn.Module, global_state: dict[str, torch.Tensor]) -> nn.Module:
+    """The server's private copy of the architecture with ``global_state`` loaded, in the
+    default memory format and training mode, every parameter differentiable (for attacks)."""
+    seen = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
+    seen.load_state_dict(global_state)
+    seen.train()
+    for p in seen.parameters():
+        p.requires_grad_(True)
+    return seen
+
+
 def build_observation(
     model: nn.Module,
     global_state: dict[str, torch.Tensor],
@@ -417,13 +424,8 @@ def build_observation(
     The observation's model is a fresh copy of the architecture with ``global_state`` loaded;
     every tensor in it is a detached copy, so nothing the attack does can touch the run.
     """
-    seen = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
-    seen.load_state_dict(global_state)
-    seen.train()
-    for p in seen.parameters():
-        p.requires_grad_(True)
     obs = Observation(
-        model=seen,
+        model=server_view(model, global_state),
         global_state={k: v.detach().contiguous().clone() for k, v in global_state.items()},
         kind=result.kind,  # type: ignore[arg-type]
         message={k: v.detach().contiguous().clone() for k, v in result.message.items()},

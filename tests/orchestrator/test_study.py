@@ -103,32 +103,33 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-@pytest.mark.slow
-def test_killed_study_resumes_to_exactly_the_requested_trials(tiny_study) -> None:
-    """SIGKILL the driver after its first completed trial; --resume finishes the study."""
-    path = tiny_study({"search.concurrency": 1})
-    cfg = load_study(path)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator", "study", str(path)],
-        cwd=ROOT,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    trials_file = cfg.folder / "trials.parquet"
+def _start_study(path: Path) -> tuple[subprocess.Popen, Path]:
+    """Run ``python -m orchestrator study PATH`` in its own process group; its stderr goes to
+    a file beside the study file (a pipe nobody reads could fill and block the driver)."""
+    err = path.with_suffix(".stderr")
+    with err.open("w") as stream:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator", "study", str(path)],
+            cwd=ROOT,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=stream,
+        )
+    return proc, err
+
+
+def _wait_for(trials_file: Path, ready, what: str) -> None:
+    """Poll ``trials.parquet`` until ``ready(df)`` holds (5 minutes at most)."""
     deadline = time.time() + 300
-    try:
-        while time.time() < deadline:
-            if trials_file.exists():
-                df = pd.read_parquet(trials_file)
-                if (df["status"] == "completed").sum() >= 1:
-                    break
-            time.sleep(0.5)
-        else:
-            pytest.fail("the first trial did not complete in time")
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    while time.time() < deadline:
+        if trials_file.exists() and ready(pd.read_parquet(trials_file)):
+            return
+        time.sleep(0.2)
+    pytest.fail(f"{what} did not happen in time")
+
+
+def _resume_to_completion(path: Path, trials_file: Path) -> None:
+    """``--resume`` the study; it ends with exactly its 4 trials completed, none twice."""
     resumed = subprocess.run(
         [sys.executable, "-m", "orchestrator", "study", str(path), "--resume"],
         cwd=ROOT,
@@ -140,6 +141,21 @@ def test_killed_study_resumes_to_exactly_the_requested_trials(tiny_study) -> Non
     df = pd.read_parquet(trials_file)
     assert df["trial_id"].is_unique
     assert (df["status"] == "completed").sum() == 4 and len(df) == 4
+
+
+@pytest.mark.slow
+def test_killed_study_resumes_to_exactly_the_requested_trials(tiny_study) -> None:
+    """SIGKILL the driver after its first completed trial; --resume finishes the study."""
+    path = tiny_study({"search.concurrency": 1})
+    cfg = load_study(path)
+    proc, _ = _start_study(path)
+    trials_file = cfg.folder / "trials.parquet"
+    try:
+        _wait_for(trials_file, lambda df: (df["status"] == "completed").sum() >= 1, "a first trial")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    _resume_to_completion(path, trials_file)
     parents, children = _children(cfg.tracking.mlflow_uri, cfg.study)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     finished = [c for c in children if c.info.status == "FINISHED"]
@@ -418,45 +434,27 @@ def test_ctrl_c_stops_the_study_cleanly_and_says_how_to_resume(tiny_study) -> No
     resume command printed, no traceback; ``--resume`` then completes the study."""
     path = tiny_study({"search.concurrency": 1})
     cfg = load_study(path)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator", "study", str(path)],
-        cwd=ROOT,
-        start_new_session=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc, err_file = _start_study(path)
     trials_file = cfg.folder / "trials.parquet"
-    deadline = time.time() + 300
     try:
-        while time.time() < deadline:
-            if trials_file.exists():
-                df = pd.read_parquet(trials_file)
-                if (df["status"] == "completed").sum() >= 1 and (df["status"] == "running").any():
-                    break
-            time.sleep(0.2)
-        else:
-            pytest.fail("the study did not reach its second trial in time")
+        _wait_for(
+            trials_file,
+            lambda df: (
+                (df["status"] == "completed").sum() >= 1 and (df["status"] == "running").any()
+            ),
+            "a second trial",
+        )
         os.killpg(proc.pid, signal.SIGINT)
-        _, err = proc.communicate(timeout=120)
+        proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+    err = err_file.read_text()
     assert proc.returncode == 130, err[-3000:]
     assert "--resume" in err and "Traceback" not in err, err[-3000:]
     df = pd.read_parquet(trials_file)
     assert (df["status"] == "completed").sum() < 4
-    resumed = subprocess.run(
-        [sys.executable, "-m", "orchestrator", "study", str(path), "--resume"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    df = pd.read_parquet(trials_file)
-    assert df["trial_id"].is_unique
-    assert (df["status"] == "completed").sum() == 4 and len(df) == 4
+    _resume_to_completion(path, trials_file)
     _, children = _children(cfg.tracking.mlflow_uri, cfg.study)
     assert not [c for c in children if c.info.status == "RUNNING"]
