@@ -9,6 +9,7 @@ one local SGD step with lr 0.01 (DLM/DLM+ are not told the learning rate).
     python benchmarks/attacks.py [--device auto] [--iterations N] [--models lenet convnet]
                                  [--batches 1 4] [--attacks idlg dlm_plus ...]
     python benchmarks/attacks.py --compare-reference [--width 64] [--iterations 200]
+                                 [--tune-allocator]
 
 ``--compare-reference`` times our Inverting Gradients against the textbook loop
 (``attacks/reference.py``, the paper's reference code's algorithm) on the same inputs:
@@ -33,7 +34,8 @@ from attacks import AttackerCapabilities, get_attack
 from attacks.metrics import score
 from attacks.samples import sample_images
 from fl import models
-from fl.simulation import observe_client_step, resolve_device
+from fl.simulation import observe_client_step, resolve_device, tune_allocator
+from fl.simulation.allocator import allocator_tuned
 
 # (label, registered attack, message, default iterations, extra parameters)
 CASES: list[tuple[str, str, str, int, dict[str, object]]] = [
@@ -81,7 +83,15 @@ def main(argv: list[str] | None = None) -> int:
         help="Inverting Gradients: ours vs the textbook loop, side by side",
     )
     parser.add_argument("--repeats", type=int, default=3, help="runs of each (compare mode)")
+    parser.add_argument(
+        "--tune-allocator",
+        action="store_true",
+        help="apply fl.simulation.tune_allocator() first (as every simulator and trial does); "
+        "in compare mode it applies to both loops",
+    )
     args = parser.parse_args(argv)
+    if args.tune_allocator and not tune_allocator():
+        print("note: tune_allocator() had no effect (not glibc)")
     shared = (
         Path(__file__).resolve().parents[1].parent / "shared/weights/lpips_alexnet_features.pth"
     )
@@ -180,7 +190,7 @@ def compare_reference(
     print(
         f"device={device} threads={torch.get_num_threads()} ConvNet width {width} "
         f"({params / 1e6:.2f} M parameters), {size} px, batch 1, untrained, labels known, "
-        f"{iterations} iterations, tv {tv}"
+        f"{iterations} iterations, tv {tv}, allocator {'tuned' if allocator_tuned() else 'default'}"
     )
     setup = InversionSetup.from_observation(obs)
     gen = torch.Generator(device=device)

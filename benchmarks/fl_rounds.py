@@ -6,12 +6,17 @@ of the full training set, evaluation on the test split after every round.
 
     python benchmarks/fl_rounds.py --data-root ../shared/data [--rounds 5] [--device auto]
     python benchmarks/fl_rounds.py --compare-straightforward [--channels-last]
+                                   [--parallel-clients 2] [--vectorize-clients on]
+                                   [--no-tune-allocator] [--straightforward-again]
 
 ``--compare-straightforward`` first runs the same workload as the straightforward sequential
 loop a FL tutorial writes (the model deep-copied for every client, a DataLoader over the
 client's examples, ``optimizer.step()``, a state-dict average, evaluation with autograd on),
 then the simulator, in the same process on the same data and seed, and prints the ratio of
-their total times (issue 8's target: at most 0.8).
+their total times (issue 8's target: at most 0.8). The straightforward loop runs with glibc's
+default allocator; the simulator tunes it (``federation.tune_allocator``, process-wide) unless
+``--no-tune-allocator``; ``--straightforward-again`` times the straightforward loop once more
+after that, so the ratio can also be read with both loops under the tuned allocator.
 
 Run it on an idle machine: on 2 cores any other process slows torch many times over.
 """
@@ -29,6 +34,7 @@ import torch
 
 from fl import data, models
 from fl.simulation import FederationConfig, PartitionConfig, Simulator, resolve_device
+from fl.simulation.allocator import allocator_tuned
 
 
 def peak_rss_mb() -> float:
@@ -62,6 +68,28 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="the simulator's channels-last option (federation.channels_last)",
     )
+    parser.add_argument(
+        "--parallel-clients",
+        type=int,
+        default=1,
+        help="clients trained at the same time in threads (federation.parallel_clients)",
+    )
+    parser.add_argument(
+        "--vectorize-clients",
+        choices=["off", "on", "auto"],
+        default="off",
+        help="clients trained as one vmapped model (federation.vectorize_clients)",
+    )
+    parser.add_argument(
+        "--no-tune-allocator",
+        action="store_true",
+        help="leave glibc's allocator at its defaults (federation.tune_allocator: false)",
+    )
+    parser.add_argument(
+        "--straightforward-again",
+        action="store_true",
+        help="time the straightforward loop again after the simulator (tuned allocator)",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -81,7 +109,11 @@ def main(argv: list[str] | None = None) -> int:
         lr=0.01,
         partition=PartitionConfig(scheme="iid"),
         channels_last=args.channels_last,
+        parallel_clients=args.parallel_clients,
+        vectorize_clients=args.vectorize_clients,
+        tune_allocator=not args.no_tune_allocator,
     )
+    warm_up(model, train, args.batch_size, device)
     straightforward_total = None
     if args.compare_straightforward:
         straightforward_total = straightforward_loop(model, train, test, cfg, device)
@@ -92,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"device={device} threads={torch.get_num_threads()} clients={args.clients} "
         f"train={len(train)} test={len(test)} params={sum(p.numel() for p in model.parameters())}"
+        f" channels_last={cfg.channels_last} parallel_clients={sim.workers} "
+        f"vectorized={sim.vectorized} allocator={'tuned' if allocator_tuned() else 'default'}"
     )
     print(f"{'round':>5} {'seconds':>8} {'train_loss':>10} {'test_acc':>8}")
     times = []
@@ -107,19 +141,50 @@ def main(argv: list[str] | None = None) -> int:
             f"{rec.metrics['accuracy']:>8.4f}"
         )
     total = time.perf_counter() - t_all
+    sim.close()
     print(
         f"seconds per round: median {statistics.median(times):.2f}, "
         f"min {min(times):.2f}, max {max(times):.2f}; total {total:.1f} s for {args.rounds} rounds"
     )
     if straightforward_total is not None:
         print(
-            f"simulator / straightforward loop: {total:.1f} s / {straightforward_total:.1f} s "
-            f"= {total / straightforward_total:.2f}"
+            f"simulator / straightforward loop (default allocator): {total:.1f} s / "
+            f"{straightforward_total:.1f} s = {total / straightforward_total:.2f}"
         )
+        if args.straightforward_again:
+            again = straightforward_loop(model, train, test, cfg, device)
+            print(
+                f"simulator / straightforward loop, both with the "
+                f"{'tuned' if allocator_tuned() else 'default'} allocator: {total:.1f} s / "
+                f"{again:.1f} s = {total / again:.2f}"
+            )
     print(f"peak RSS: {peak_rss_mb():.0f} MiB (before the run: {rss_before:.0f} MiB)")
     if device.type == "cuda":
         print(f"peak CUDA memory: {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB")
     return 0
+
+
+def warm_up(
+    model: torch.nn.Module, train: data.ImageData, batch_size: int, device: torch.device
+) -> None:
+    """A few untimed training steps in both memory formats, on one and on all threads, so that
+    neither timed loop pays the process's one-time costs (oneDNN kernel generation, first-touch
+    memory) that the other then skips."""
+    import copy
+
+    import torch.nn.functional as F
+
+    x = train.float_images()[:batch_size].to(device)
+    y = train.labels[:batch_size].to(device)
+    threads = torch.get_num_threads()
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        for n in sorted({1, threads}):
+            torch.set_num_threads(n)
+            local = copy.deepcopy(model).to(device).to(memory_format=fmt)
+            xf = x.contiguous(memory_format=fmt)
+            for _ in range(3):
+                F.cross_entropy(local(xf), y).backward()
+    torch.set_num_threads(threads)
 
 
 def straightforward_loop(

@@ -80,6 +80,7 @@ class Defense(ClientHooks):
     name: ClassVar[str] = ""
     Params: ClassVar[type[DefenseParams]] = DefenseParams
     search_space: ClassVar[dict[str, ParamSpec]] = {}
+    concurrent_clients: ClassVar[bool] = False
 
     def __init__(self, **params: Any) -> None:
         try:
@@ -153,3 +154,5 @@ def unregister_defense(name: str) -> None:
 class NoDefense(Defense):
     """The control: no defense at all. Every hook is a no-op, so the attacks see exactly what an
     undefended client sends; every study should include it to show that the attacks work."""
+
+    concurrent_clients: ClassVar[bool] = True  # stateless

@@ -65,6 +65,8 @@ class GradientNoise(Defense):
     No clipping and no privacy accounting: this is the heuristic baseline, not DP-SGD.
     """
 
+    concurrent_clients: ClassVar[bool] = True  # stateless; noise from ctx.generator only
+
     Params = GradientNoiseParams
     search_space: ClassVar[dict[str, ParamSpec]] = {
         "scale": ParamSpec(type="float", low=1e-4, high=1.0, log=True),

@@ -67,6 +67,8 @@ class Prune(Defense):
     ``W_global``.
     """
 
+    concurrent_clients: ClassVar[bool] = True  # stateless
+
     Params = PruneParams
     search_space: ClassVar[dict[str, ParamSpec]] = {
         "percent": ParamSpec(type="float", low=10.0, high=99.0),

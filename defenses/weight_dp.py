@@ -65,6 +65,8 @@ class WeightDP(Defense):
       ``clip`` as the threshold intends, and do not undo it.
     """
 
+    concurrent_clients: ClassVar[bool] = True  # stateless; noise from ctx.generator only
+
     Params = WeightDPParams
     search_space: ClassVar[dict[str, ParamSpec]] = {
         "clip": ParamSpec(type="float", low=0.01, high=5.0, log=True),

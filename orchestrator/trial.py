@@ -143,13 +143,16 @@ def run_trial(
     if restore is not None:
         sim.load_state_dict(restore)
     rounds_total = config.federation.rounds
-    while sim.round < rounds_total:
-        record = sim.run_round()
-        if on_checkpoint is not None and (
-            sim.round % max(1, checkpoint_every) == 0 or sim.round == rounds_total
-        ):
-            on_checkpoint(sim.state_dict(), record)
-    result = sim.run()
+    try:
+        while sim.round < rounds_total:
+            record = sim.run_round()
+            if on_checkpoint is not None and (
+                sim.round % max(1, checkpoint_every) == 0 or sim.round == rounds_total
+            ):
+                on_checkpoint(sim.state_dict(), record)
+        result = sim.run()
+    finally:
+        sim.close()  # client threads (parallel_clients) end with the trial, also on failure
     seconds_train = time.perf_counter() - t0
 
     t0 = time.perf_counter()

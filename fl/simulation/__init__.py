@@ -4,6 +4,7 @@ The honest-but-curious server's view of a client step is an :class:`Observation`
 data of that step is a :class:`GroundTruth`, kept apart and seen only by the evaluator.
 """
 
+from fl.simulation.allocator import tune_allocator
 from fl.simulation.client import ClientResult, run_client
 from fl.simulation.config import CaptureConfig, FederationConfig, PartitionConfig
 from fl.simulation.device import resolve_device
@@ -18,6 +19,7 @@ from fl.simulation.simulator import (
     build_observation,
     observe_client_step,
 )
+from fl.simulation.vectorized import run_clients_vectorized, vectorization_obstacle
 
 __all__ = [
     "CaptureConfig",
@@ -40,4 +42,7 @@ __all__ = [
     "predict",
     "resolve_device",
     "run_client",
+    "run_clients_vectorized",
+    "tune_allocator",
+    "vectorization_obstacle",
 ]

@@ -11,7 +11,7 @@ update. :meth:`ClientHooks.prepare_model` runs once on the global model before t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -47,6 +47,11 @@ class ClientHooks:
     """Base class of everything that acts on a client's training; every hook is a no-op here."""
 
     name: str = "none"
+    concurrent_clients: ClassVar[bool] = True
+    """Whether several clients may run these hooks at the same time (``parallel_clients``):
+    true when the hooks draw randomness only from ``ctx.generator`` and share no mutable state
+    between clients. The no-op base is safe; :class:`defenses.Defense` says no unless a defense
+    declares otherwise."""
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         """Change the global model once before training (e.g. insert a bottleneck)."""

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,12 +16,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from fl.simulation.allocator import tune_allocator
 from fl.simulation.client import ClientResult, run_client
 from fl.simulation.config import CaptureConfig, FederationConfig
 from fl.simulation.device import resolve_device
 from fl.simulation.evaluation import evaluate
 from fl.simulation.hooks import ClientContext, ClientHooks
 from fl.simulation.observation import GroundTruth, Observation
+from fl.simulation.vectorized import run_clients_vectorized, vectorization_obstacle
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -141,6 +148,8 @@ class Simulator:
         from fl import data as fl_data
 
         self.config = config
+        if config.tune_allocator:
+            tune_allocator()
         self.device = resolve_device(device)
         self.hooks = hooks or ClientHooks()
         self.capture = capture or CaptureConfig()
@@ -176,9 +185,108 @@ class Simulator:
             self.global_model = self.global_model.to(memory_format=torch.channels_last)
             self.train_images = self.train_images.contiguous(memory_format=torch.channels_last)
         self.client_model = copy.deepcopy(self.global_model)
+        self.vectorized = self._use_vectorized()
+        self.workers = 1 if self.vectorized else self._worker_count()
+        self._pool: ThreadPoolExecutor | None = None
+        self._local = threading.local()
         self.round = 0
         self.history: list[RoundRecord] = []
         self.captures: list[tuple[Observation, GroundTruth]] = []
+
+    # --- how clients run ---------------------------------------------------------------------
+    def _use_vectorized(self) -> bool:
+        """Whether sampled clients train as one vectorised model (``vectorize_clients``)."""
+        mode = self.config.vectorize_clients
+        if mode == "off" or (mode == "auto" and self.device.type != "cuda"):
+            return False
+        obstacle = vectorization_obstacle(self.global_model, self.hooks)
+        if obstacle is not None:
+            log.warning("vectorize_clients=%s: clients run one after another, %s", mode, obstacle)
+            return False
+        return True
+
+    def _worker_count(self) -> int:
+        """How many clients train at the same time (``parallel_clients``, where allowed)."""
+        wanted = self.config.parallel_clients
+        if wanted == 1:
+            return 1
+        if self.device.type != "cpu":
+            log.warning(
+                "parallel_clients=%d ignored on %s (threads share one device queue there; "
+                "vectorize_clients is the GPU path)",
+                wanted,
+                self.device,
+            )
+            return 1
+        if not type(self.hooks).concurrent_clients:
+            log.warning(
+                "parallel_clients=%d ignored: the hooks %r keep shared state or a global RNG "
+                "(concurrent_clients is false), so clients run one after another",
+                wanted,
+                type(self.hooks).__name__,
+            )
+            return 1
+        return wanted
+
+    def _worker_model(self) -> nn.Module:
+        """This thread's own copy of the model (created on first use)."""
+        model = getattr(self._local, "model", None)
+        if model is None:
+            model = self._local.model = copy.deepcopy(self.global_model)
+        return model
+
+    def _train_clients(
+        self, rnd: int, clients: list[int], global_state: dict[str, torch.Tensor]
+    ) -> list[tuple[ClientResult, torch.Tensor]]:
+        """Every sampled client's local work, in sampling order."""
+        if self.vectorized:
+            return self._train_vectorized(rnd, clients, global_state)
+        if self.workers == 1:
+            return [self._client_step(rnd, c, global_state, self.client_model) for c in clients]
+        if self._pool is None:
+            threads = max(1, torch.get_num_threads() // self.workers)
+            self._pool = ThreadPoolExecutor(
+                self.workers,
+                thread_name_prefix="fl-client",
+                initializer=torch.set_num_threads,
+                initargs=(threads,),
+            )
+        futures = [
+            self._pool.submit(
+                lambda c: self._client_step(rnd, c, global_state, self._worker_model()), c
+            )
+            for c in clients
+        ]
+        return [f.result() for f in futures]
+
+    def _train_vectorized(
+        self, rnd: int, clients: list[int], global_state: dict[str, torch.Tensor]
+    ) -> list[tuple[ClientResult, torch.Tensor]]:
+        cfg = self.config
+        idxs = [torch.as_tensor(self.partition[c], device=self.device) for c in clients]
+        results = run_clients_vectorized(
+            self.global_model,
+            global_state,
+            [self.train_images[i] for i in idxs],
+            [self.train_labels[i] for i in idxs],
+            algorithm=cfg.algorithm,
+            lr=cfg.lr,
+            batch_size=cfg.batch_size,
+            mean=self.mean,
+            std=self.std,
+            hooks=self.hooks,
+            contexts=[self._context(rnd, c) for c in clients],
+            rngs=[np.random.default_rng(_seed_int(self.seed, 2, rnd, c)) for c in clients],
+            local_epochs=cfg.local_epochs,
+            local_steps=cfg.local_steps,
+        )
+        return list(zip(results, idxs, strict=True))
+
+    def close(self) -> None:
+        """Stop the client threads (``parallel_clients``); the simulator stays usable."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     # --- round mechanics -------------------------------------------------------------------
     def sample_clients(self, rnd: int) -> list[int]:
@@ -208,14 +316,14 @@ class Simulator:
         )
 
     def _client_step(
-        self, rnd: int, client: int, global_state: dict[str, torch.Tensor]
+        self, rnd: int, client: int, global_state: dict[str, torch.Tensor], model: nn.Module
     ) -> tuple[ClientResult, torch.Tensor]:
         cfg = self.config
-        self.client_model.load_state_dict(global_state)
+        model.load_state_dict(global_state)
         idx = torch.as_tensor(self.partition[client], device=self.device)
         rng = np.random.default_rng(_seed_int(self.seed, 2, rnd, client))
         result = run_client(
-            self.client_model,
+            model,
             self.train_images[idx],
             self.train_labels[idx],
             algorithm=cfg.algorithm,
@@ -261,8 +369,9 @@ class Simulator:
         captured = self._captured(rnd, clients)
         global_state = {k: v.detach().clone() for k, v in self.global_model.state_dict().items()}
         results: list[ClientResult] = []
-        for client in clients:
-            result, idx = self._client_step(rnd, client, global_state)
+        for client, (result, idx) in zip(
+            clients, self._train_clients(rnd, clients, global_state), strict=True
+        ):
             results.append(result)
             if client in captured:
                 self.captures.append(self._observe(rnd, client, result, idx, global_state))
@@ -380,8 +489,11 @@ class Simulator:
 
     def run(self) -> RunResult:
         """Run all remaining rounds and return the history, captures and final model."""
-        while self.round < self.config.rounds:
-            self.run_round()
+        try:
+            while self.round < self.config.rounds:
+                self.run_round()
+        finally:
+            self.close()
         final = dict(self.history[-1].metrics) if self.history else {}
         return RunResult(
             history=self.history,

@@ -1,0 +1,189 @@
+"""Sampled clients trained as one vectorised model (``federation.vectorize_clients``).
+
+Clients that share an architecture differ only in their weights, buffers and data, so one local
+step of all of them is one call of ``vmap(grad(loss))`` over weights stacked along a new leading
+dimension (``torch.func.functional_call``): the convolutions of V clients become one grouped
+convolution, which keeps a GPU busy where one client's batch of 32 small images does not.
+
+The arithmetic is that of :func:`fl.simulation.client.run_client`, client by client: the same
+batches (drawn from the same per-client generators), the same ``W <- W - lr * g`` steps, the same
+BatchNorm statistics (each client's running buffers are its own slice of a stacked buffer, updated
+in place under ``vmap``), the same outgoing message through the hooks' ``process_update``. Only
+float rounding differs (a grouped convolution sums in another order). Local step ``s`` of every
+client whose batch at that step has the same size runs in one call; clients whose batches differ
+in size (the last batch of an epoch) run in separate groups, so no padding enters any statistic.
+
+Where this cannot be exact it is not used (:func:`vectorization_obstacle`): hooks that change
+the batch, the loss or the gradient computation, a model with its own stochastic loss term
+(PRECODE's bottleneck) or with dropout.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from fl.simulation.client import ClientResult, _batches, steps_for
+from fl.simulation.hooks import ClientContext, ClientHooks
+from fl.simulation.normalization import normalize
+
+_BATCH_HOOKS = ("transform_batch", "extra_loss", "compute_gradients")
+
+
+def vectorization_obstacle(model: nn.Module, hooks: ClientHooks) -> str | None:
+    """Why clients of ``model`` under ``hooks`` cannot be trained as one vectorised model, or
+    None when they can (exactly, up to float rounding)."""
+    for name in _BATCH_HOOKS:
+        if getattr(type(hooks), name) is not getattr(ClientHooks, name):
+            return f"the hooks {type(hooks).__name__!r} override {name}()"
+    bottleneck = getattr(model, "bottleneck", None)
+    if isinstance(bottleneck, nn.Module) and callable(getattr(bottleneck, "extra_loss", None)):
+        return "the model's bottleneck adds a stochastic loss term (extra_loss)"
+    if bottleneck is None and callable(getattr(model, "extra_loss", None)):
+        return "the model adds its own loss term (extra_loss)"
+    for module in model.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            return "the model has dropout (each client would need its own random mask)"
+    return None
+
+
+def run_clients_vectorized(
+    model: nn.Module,
+    global_state: dict[str, torch.Tensor],
+    client_images: Sequence[torch.Tensor],
+    client_labels: Sequence[torch.Tensor],
+    *,
+    algorithm: str,
+    lr: float,
+    batch_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    hooks: ClientHooks,
+    contexts: Sequence[ClientContext],
+    rngs: Sequence[np.random.Generator | None],
+    local_epochs: int = 1,
+    local_steps: int | None = None,
+) -> list[ClientResult]:
+    """Run every client's local work from ``global_state``; one :class:`ClientResult` per client,
+    in order, as :func:`~fl.simulation.client.run_client` would return them one by one.
+
+    ``model`` gives the architecture (it is not modified); ``client_images[k]`` (N_k, C, H, W)
+    in [0, 1] and ``client_labels[k]`` are client k's data on the model's device; ``contexts`` and
+    ``rngs`` are the clients' step contexts and batch-order generators.
+    """
+    obstacle = vectorization_obstacle(model, hooks)
+    if obstacle is not None:
+        raise ValueError(f"clients cannot be vectorised: {obstacle}")
+    if algorithm not in ("fedsgd", "fedavg"):
+        raise ValueError(f"unknown algorithm {algorithm!r}; expected 'fedsgd' or 'fedavg'")
+    v = len(client_images)
+    sizes = [int(x.shape[0]) for x in client_images]
+    for k, n in enumerate(sizes):
+        if n == 0:
+            raise ValueError(f"client {contexts[k].client} has no training examples")
+        contexts[k].extras["client_size"] = n
+    steps = [
+        1 if algorithm == "fedsgd" else steps_for(n, batch_size, local_epochs, local_steps)
+        for n in sizes
+    ]
+    batches = [
+        _batches(n, batch_size, s, rng) for n, s, rng in zip(sizes, steps, rngs, strict=True)
+    ]
+
+    skeleton = copy.deepcopy(model).to("meta").train()
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    # parameters that do not train are shared by all clients, as the global model holds them
+    frozen = {
+        n: global_state[n].detach() for n, p in model.named_parameters() if not p.requires_grad
+    }
+    params = {n: global_state[n].detach().unsqueeze(0).repeat_interleave(v, 0) for n in names}
+    buffers = {
+        n: global_state[n].detach().unsqueeze(0).repeat_interleave(v, 0).clone()
+        for n, _ in model.named_buffers()
+    }
+
+    def loss_of(
+        p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        out = functional_call(skeleton, ({**p, **frozen}, b), (x,), strict=True)
+        loss = F.cross_entropy(out, y)
+        return loss, loss.detach()
+
+    step_fn = vmap(grad(loss_of, has_aux=True))
+    step_losses: list[tuple[list[int], torch.Tensor]] = []
+    last_grads: list[dict[str, torch.Tensor]] = [{} for _ in range(v)]
+    for s in range(max(steps)):
+        groups: dict[int, list[int]] = defaultdict(list)
+        for k in range(v):
+            if s < steps[k]:
+                groups[len(batches[k][s])].append(k)
+        for members in groups.values():
+            rows = torch.as_tensor(members, device=params[names[0]].device)
+            idx = [torch.as_tensor(batches[k][s], device=client_images[k].device) for k in members]
+            x01 = torch.stack([client_images[k][i] for k, i in zip(members, idx, strict=True)])
+            x = normalize(x01.flatten(0, 1), mean, std).view_as(x01)
+            y = torch.stack([client_labels[k][i] for k, i in zip(members, idx, strict=True)])
+            whole = len(members) == v
+            p = params if whole else {n: t[rows] for n, t in params.items()}
+            b = buffers if whole else {n: t[rows] for n, t in buffers.items()}
+            grads, loss = step_fn(p, b, x, y)
+            step_losses.append((members, loss))
+            for j, k in enumerate(members):
+                contexts[k].step = s
+                contexts[k].batch_indices = idx[j]
+            if algorithm == "fedsgd":
+                for j, k in enumerate(members):
+                    last_grads[k] = {n: grads[n][j] for n in names}
+            else:
+                with torch.no_grad():
+                    if whole:
+                        torch._foreach_add_(
+                            [params[n] for n in names], [grads[n] for n in names], alpha=-lr
+                        )
+                    else:
+                        for n in names:
+                            params[n][rows] = p[n] - lr * grads[n]
+            if not whole:
+                for n in buffers:
+                    buffers[n][rows] = b[n]
+
+    losses: list[list[float]] = [[] for _ in range(v)]
+    for members, loss in step_losses:  # one device-to-host copy per group, not per client
+        for k, value in zip(members, loss.tolist(), strict=True):
+            losses[k].append(value)
+    results: list[ClientResult] = []
+    for k in range(v):
+        used: list[int] = []
+        seen: set[int] = set()
+        for batch in batches[k]:
+            for i in batch.tolist():
+                if i not in seen:
+                    seen.add(i)
+                    used.append(i)
+        if algorithm == "fedsgd":
+            update = hooks.process_update(last_grads[k], contexts[k])
+            message = {n: update[n].detach() for n in names}
+        else:
+            start = {n: global_state[n].detach() for n in names}
+            delta = hooks.process_update({n: params[n][k] - start[n] for n in names}, contexts[k])
+            message = {n: (start[n] + delta[n]).detach() for n in names}
+        results.append(
+            ClientResult(
+                kind="gradient" if algorithm == "fedsgd" else "weights",
+                message=message,
+                buffers={n: t[k].clone() for n, t in buffers.items()},
+                num_examples=len(used),
+                local_steps=steps[k],
+                loss=float(np.mean(losses[k])),
+                used=used,
+                trained_images=None,
+            )
+        )
+    return results
