@@ -8,8 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attacks.convolution import InversionConvolutions
-
 
 def select_parameters(
     model: nn.Module, available: Sequence[str], ignore: Sequence[str] = ()
@@ -60,13 +58,8 @@ def dummy_gradients(
     create_graph: bool = True,
 ) -> tuple[torch.Tensor, ...]:
     """Gradient of the training loss on dummy data w.r.t. ``params``, differentiable in the
-    dummy data (double backward) when ``create_graph``; then the convolutions run through
-    :class:`attacks.convolution.InversionConvolutions` (same values, a leaner double backward)."""
-    if create_graph:
-        with InversionConvolutions():
-            loss = training_loss(model, inputs, targets)
-    else:
-        loss = training_loss(model, inputs, targets)
+    dummy data (double backward) when ``create_graph``."""
+    loss = training_loss(model, inputs, targets)
     return torch.autograd.grad(loss, list(params), create_graph=create_graph)
 
 

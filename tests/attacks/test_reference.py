@@ -20,8 +20,7 @@ from fl.simulation.normalization import denormalize
 
 def test_our_inverting_gradients_follows_the_textbook_loop() -> None:
     """Same initial image, same iterations: our loop (target norm computed once, gradients only
-    w.r.t. the image, the lean convolution double backward) reconstructs the image the
-    reference algorithm does."""
+    w.r.t. the image) reconstructs the image the reference algorithm does."""
     torch.manual_seed(0)
     model = models.build("convnet", channels=3, classes=10, image_size=16, width=8)
     obs, truth = observe_client_step(
