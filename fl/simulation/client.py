@@ -107,6 +107,26 @@ def steps_for(n: int, batch_size: int, local_epochs: int, local_steps: int | Non
     return local_epochs * int(np.ceil(n / batch_size))
 
 
+def outgoing_message(
+    algorithm: str,
+    result: dict[str, torch.Tensor],
+    start: dict[str, torch.Tensor],
+    hooks: ClientHooks,
+    ctx: ClientContext,
+) -> dict[str, torch.Tensor]:
+    """What a client sends, after the defense's ``process_update``: for FedSGD ``result`` is the
+    last batch's gradient and is sent as processed; for FedAvg it is the trained weights, the
+    update ``W_new - W_global`` is processed and ``W_global + update`` is sent (``start`` holds
+    ``W_global``)."""
+    if algorithm == "fedsgd":
+        update = hooks.process_update(result, ctx)
+        return {k: update[k].detach() for k in start}
+    with torch.no_grad():
+        delta = {k: result[k].detach() - start[k] for k in start}
+    delta = hooks.process_update(delta, ctx)
+    return {k: (start[k] + delta[k]).detach() for k in start}
+
+
 def run_client(
     model: nn.Module,
     images: torch.Tensor,
@@ -176,14 +196,9 @@ def run_client(
                 plist = list(params.values())
                 torch._foreach_add_(plist, [grads[k] for k in params], alpha=-lr)
 
-    if algorithm == "fedsgd":
-        update = hooks.process_update(grads, ctx)
-        message = {k: update[k].detach() for k in params}
-    else:
-        with torch.no_grad():
-            delta = {k: p.detach() - start[k] for k, p in params.items()}
-        delta = hooks.process_update(delta, ctx)
-        message = {k: (start[k] + delta[k]).detach() for k in params}
+    message = outgoing_message(
+        algorithm, grads if algorithm == "fedsgd" else params, start, hooks, ctx
+    )
     buffers = {k: b.detach().clone() for k, b in model.named_buffers()}
     trained = None
     if changed:

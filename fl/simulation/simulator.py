@@ -276,7 +276,7 @@ class Simulator:
             std=self.std,
             hooks=self.hooks,
             contexts=[self._context(rnd, c) for c in clients],
-            rngs=[np.random.default_rng(_seed_int(self.seed, 2, rnd, c)) for c in clients],
+            rngs=[self._batch_order(rnd, c) for c in clients],
             local_epochs=cfg.local_epochs,
             local_steps=cfg.local_steps,
         )
@@ -315,13 +315,16 @@ class Simulator:
             algorithm=self.config.algorithm,
         )
 
+    def _batch_order(self, rnd: int, client: int) -> np.random.Generator:
+        """The generator of a client's batch order in a round (deterministic for the seed)."""
+        return np.random.default_rng(_seed_int(self.seed, 2, rnd, client))
+
     def _client_step(
         self, rnd: int, client: int, global_state: dict[str, torch.Tensor], model: nn.Module
     ) -> tuple[ClientResult, torch.Tensor]:
         cfg = self.config
         model.load_state_dict(global_state)
         idx = torch.as_tensor(self.partition[client], device=self.device)
-        rng = np.random.default_rng(_seed_int(self.seed, 2, rnd, client))
         result = run_client(
             model,
             self.train_images[idx],
@@ -335,7 +338,7 @@ class Simulator:
             ctx=self._context(rnd, client),
             local_epochs=cfg.local_epochs,
             local_steps=cfg.local_steps,
-            rng=rng,
+            rng=self._batch_order(rnd, client),
         )
         return result, idx
 

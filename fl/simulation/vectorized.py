@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from fl.simulation.client import ClientResult, _batches, steps_for
+from fl.simulation.client import ClientResult, _batches, outgoing_message, steps_for
 from fl.simulation.hooks import ClientContext, ClientHooks
 from fl.simulation.normalization import normalize
 
@@ -159,21 +159,12 @@ def run_clients_vectorized(
         for k, value in zip(members, loss.tolist(), strict=True):
             losses[k].append(value)
     results: list[ClientResult] = []
+    start = {n: global_state[n].detach() for n in names}
     for k in range(v):
-        used: list[int] = []
-        seen: set[int] = set()
-        for batch in batches[k]:
-            for i in batch.tolist():
-                if i not in seen:
-                    seen.add(i)
-                    used.append(i)
-        if algorithm == "fedsgd":
-            update = hooks.process_update(last_grads[k], contexts[k])
-            message = {n: update[n].detach() for n in names}
-        else:
-            start = {n: global_state[n].detach() for n in names}
-            delta = hooks.process_update({n: params[n][k] - start[n] for n in names}, contexts[k])
-            message = {n: (start[n] + delta[n]).detach() for n in names}
+        # positions in order of first use, as run_client records them
+        used = list(dict.fromkeys(i for batch in batches[k] for i in batch.tolist()))
+        result = last_grads[k] if algorithm == "fedsgd" else {n: params[n][k] for n in names}
+        message = outgoing_message(algorithm, result, start, hooks, contexts[k])
         results.append(
             ClientResult(
                 kind="gradient" if algorithm == "fedsgd" else "weights",

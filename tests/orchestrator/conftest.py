@@ -65,20 +65,31 @@ def write_study(
 @pytest.fixture(scope="session")
 def completed_study(tmp_path_factory: pytest.TempPathFactory, shared_dir: Path):
     """The tiny study (4 trials) run once on a local Ray: (config, results)."""
-    import ray
-
-    from orchestrator import Study
     from orchestrator.config import load_study
 
     folder = tmp_path_factory.mktemp("completed")
     cfg = load_study(write_study(folder, shared_dir))
+    return cfg, run_on_local_ray(cfg)
+
+
+def run_on_local_ray(cfg: Any) -> Any:
+    """Run the study ``cfg`` quietly on a fresh 2-CPU local Ray, shut down afterwards."""
+    import ray
+
+    from orchestrator import Study
+
     ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:
-        results = Study(cfg).run(verbose=0)
+        return Study(cfg).run(verbose=0)
     finally:
         ray.shutdown()
-    return cfg, results
+
+
+@pytest.fixture
+def local_ray_run():
+    """:func:`run_on_local_ray`, for test modules."""
+    return run_on_local_ray
 
 
 @pytest.fixture(scope="session")

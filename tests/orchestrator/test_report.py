@@ -93,21 +93,14 @@ def test_report_renders_in_headless_chromium(completed_study, tmp_path) -> None:
     assert hi - lo > 100  # rendered content, not a blank page
 
 
-def test_log_images_none_keeps_every_image_out(tiny_study, shared_dir) -> None:
+def test_log_images_none_keeps_every_image_out(tiny_study, local_ray_run) -> None:
     """With tracking.log_images: none no private image reaches the output, MLflow or report."""
-    import ray
     from mlflow.tracking import MlflowClient
 
-    from orchestrator import Study
     from orchestrator.config import load_study
 
     cfg = load_study(tiny_study({"tracking.log_images": "none", "search.trials": 2}))
-    ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
-    try:
-        Study(cfg).run(verbose=0)
-    finally:
-        ray.shutdown()
+    local_ray_run(cfg)
     pngs = [p for p in Path(cfg.folder).rglob("*.png") if p.name != "pareto.png"]
     assert not pngs, pngs
     html_path, _ = report(cfg.folder)

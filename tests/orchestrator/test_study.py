@@ -177,9 +177,7 @@ class _Exploding(Defense):
         raise RuntimeError("bug in a custom defense")
 
 
-def test_a_failing_trial_is_recorded_and_the_study_goes_on(tiny_study) -> None:
-    import ray
-
+def test_a_failing_trial_is_recorded_and_the_study_goes_on(tiny_study, local_ray_run) -> None:
     register_defense("exploding")(_Exploding)
     try:
         cfg = load_study(
@@ -190,12 +188,7 @@ def test_a_failing_trial_is_recorded_and_the_study_goes_on(tiny_study) -> None:
                 }
             )
         )
-        ray.shutdown()
-        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
-        try:
-            Study(cfg).run(verbose=0)
-        finally:
-            ray.shutdown()
+        local_ray_run(cfg)
     finally:
         unregister_defense("exploding")
     trials = pd.read_parquet(cfg.folder / "trials.parquet")
