@@ -30,10 +30,18 @@ class StudyCallback(tune.Callback):
     """Writes a row per trial to ``trials.parquet`` (running, then completed or failed), its
     rounds and attack records, and its MLflow child run; prints a line per finished trial."""
 
-    def __init__(self, config: StudyConfig, store: Any, tracker: Any, first_number: int = 0):
+    def __init__(
+        self,
+        config: StudyConfig,
+        store: Any,
+        tracker: Any,
+        first_number: int = 0,
+        searcher: Any = None,
+    ):
         self.config = config
         self.store = store
         self.tracker = tracker
+        self.searcher = searcher  # told of a completed trial after it is recorded
         self.numbers: dict[str, int] = {}
         self.next_number = first_number
         self.started: dict[str, datetime] = {}
@@ -42,7 +50,7 @@ class StudyCallback(tune.Callback):
     def __getstate__(self) -> dict[str, Any]:
         # Tune may pickle its run config; the store and MLflow client stay in the driver.
         state = dict(self.__dict__)
-        state["store"] = state["tracker"] = None
+        state["store"] = state["tracker"] = state["searcher"] = None
         return state
 
     def _params(self, trial: Any) -> tuple[str, dict[str, Any]]:
@@ -118,6 +126,8 @@ class StudyCallback(tune.Callback):
             for o in self.config.objectives
         )
         print(f"[obscura] trial {row['number']} ({defense}) completed: {shown}", flush=True)
+        if self.searcher is not None:
+            self.searcher.release(trial.trial_id)
         _drop_checkpoints(trial)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

@@ -9,6 +9,10 @@ import optuna
 from defenses import ParamSpec, defense_class
 from orchestrator.config import StudyConfig
 
+TUNE_TRIAL_ID = "tune_trial_id"
+"""Optuna user attribute holding the Ray Tune trial id of an Optuna trial (set by
+:class:`orchestrator.searcher.RecordedFirstOptunaSearch`)."""
+
 SAMPLERS = {
     "nsga2": lambda seed: optuna.samplers.NSGAIISampler(seed=seed),
     "tpe": lambda seed: optuna.samplers.TPESampler(seed=seed, multivariate=True),

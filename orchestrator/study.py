@@ -29,7 +29,13 @@ import optuna
 import pandas as pd
 
 from orchestrator.config import StudyConfig, dump_study, load_study
-from orchestrator.search import define_by_run, initial_points, make_sampler, trial_params
+from orchestrator.search import (
+    TUNE_TRIAL_ID,
+    define_by_run,
+    initial_points,
+    make_sampler,
+    trial_params,
+)
 
 
 @dataclass
@@ -199,7 +205,7 @@ class Study:
                 ),
                 {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu},
             )
-            callback = StudyCallback(cfg, store, tracker, first_number=done)
+            callback = StudyCallback(cfg, store, tracker, first_number=done, searcher=searcher)
             tuner = tune.Tuner(
                 trainable,
                 tune_config=tune.TuneConfig(
@@ -254,10 +260,20 @@ class Study:
         except KeyError:
             ot_study = None
         waiting: set[str] = set()
+        recorded = (
+            {}
+            if df.empty
+            else {str(r["trial_id"]): r for _, r in df[df["status"] == "completed"].iterrows()}
+        )
         if ot_study is not None:
             for t in ot_study.get_trials(deepcopy=False):
                 if t.state == optuna.trial.TrialState.RUNNING:
-                    ot_study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+                    row = recorded.get(str(t.user_attrs.get(TUNE_TRIAL_ID)))
+                    values = None if row is None else _objective_values(cfg, row)
+                    if values is None:  # interrupted: it runs again
+                        ot_study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+                    else:  # recorded, then the driver died before Optuna was told
+                        ot_study.tell(t.number, values)
                 elif t.state == optuna.trial.TrialState.WAITING:
                     fixed = t.system_attrs.get("fixed_params", {})
                     waiting.add(str(fixed.get("defense")))
@@ -350,10 +366,18 @@ def tracker_is_new(tracker: Any) -> bool:
     return not tracker.client.get_run(tracker.parent_run_id).data.params
 
 
-def _searcher(cfg: StudyConfig, storage: str, points: list[dict]) -> Any:
-    from ray.tune.search.optuna import OptunaSearch
+def _objective_values(cfg: StudyConfig, row: Any) -> list[float] | None:
+    """The objectives of a recorded trial row, or None when one is missing."""
+    values = [row.get(o.metric) for o in cfg.objectives]
+    if any(v is None or pd.isna(v) for v in values):
+        return None
+    return [float(v) for v in values]
 
-    return OptunaSearch(
+
+def _searcher(cfg: StudyConfig, storage: str, points: list[dict]) -> Any:
+    from orchestrator.searcher import RecordedFirstOptunaSearch
+
+    return RecordedFirstOptunaSearch(
         space=define_by_run(cfg),
         metric=[o.metric for o in cfg.objectives],
         mode=[o.mode for o in cfg.objectives],

@@ -1,0 +1,65 @@
+"""Optuna is told of a trial's success only after the study recorded it, and resuming settles
+trials the driver recorded but died before telling Optuna about."""
+
+from __future__ import annotations
+
+import shutil
+
+import optuna
+import pandas as pd
+
+from orchestrator.results import ResultStore
+from orchestrator.search import TUNE_TRIAL_ID, define_by_run
+from orchestrator.searcher import RecordedFirstOptunaSearch
+from orchestrator.study import Study
+
+
+def test_success_reaches_optuna_only_when_released(completed_study) -> None:
+    cfg, _ = completed_study
+    searcher = RecordedFirstOptunaSearch(
+        space=define_by_run(cfg),
+        metric=[o.metric for o in cfg.objectives],
+        mode=[o.mode for o in cfg.objectives],
+        study_name="held",
+    )
+    searcher.suggest("t1")
+    ot_trial = searcher._ot_trials["t1"]
+    assert ot_trial.user_attrs[TUNE_TRIAL_ID] == "t1"
+    result = {o.metric: 0.5 for o in cfg.objectives}
+    searcher.on_trial_complete("t1", result)
+    state = searcher._ot_study.get_trials()[0].state
+    assert state == optuna.trial.TrialState.RUNNING  # held until the row is recorded
+    searcher.release("t1")
+    done = searcher._ot_study.get_trials()[0]
+    assert done.state == optuna.trial.TrialState.COMPLETE and done.values == [0.5, 0.5]
+    searcher.release("t1")  # nothing held any more: no second tell
+    assert len(searcher._ot_study.get_trials()) == 1
+
+
+def test_resume_completes_recorded_trials_and_fails_interrupted_ones(
+    completed_study, tmp_path
+) -> None:
+    """A copy of a finished study gets two RUNNING Optuna trials, as a driver killed at the
+    wrong moment leaves them: one whose Tune trial is recorded as completed in Parquet (killed
+    between the record and telling Optuna) and one that never finished. Resuming's
+    reconciliation completes the first with the recorded objectives and fails the second."""
+    cfg, _ = completed_study
+    copy_cfg = cfg.model_copy(update={"output": tmp_path})
+    shutil.copytree(cfg.folder, copy_cfg.folder)
+    storage = f"sqlite:///{copy_cfg.folder / 'optuna.db'}"
+    ot_study = optuna.load_study(study_name=cfg.study, storage=storage)
+    before = len(ot_study.get_trials())
+    trials = pd.read_parquet(copy_cfg.folder / "trials.parquet")
+    row = trials[trials["status"] == "completed"].iloc[0]
+    recorded, interrupted = ot_study.ask(), ot_study.ask()
+    recorded.set_user_attr(TUNE_TRIAL_ID, str(row["trial_id"]))
+    interrupted.set_user_attr(TUNE_TRIAL_ID, "never-recorded")
+
+    done, _ = Study(copy_cfg)._reconcile(ResultStore(copy_cfg.folder), storage, resume=True)
+
+    assert done == len(trials)
+    after = {t.number: t for t in ot_study.get_trials()}
+    assert len(after) == before + 2
+    assert after[recorded.number].state == optuna.trial.TrialState.COMPLETE
+    assert after[recorded.number].values == [float(row[o.metric]) for o in cfg.objectives]
+    assert after[interrupted.number].state == optuna.trial.TrialState.FAIL
