@@ -10,7 +10,8 @@ study's objectives is computed, printed, plotted to ``pareto.png`` and logged.
 
 Resuming (``--resume``) starts a new Tune run for the trials still missing, on the same Optuna
 storage, Parquet files and MLflow parent run: a trial interrupted by a killed driver is marked
-failed in Optuna, dropped from Parquet and its MLflow run marked KILLED, and then run again.
+failed in Optuna, dropped from Parquet and its MLflow run marked KILLED, and then run again; one
+recorded in Parquet whose completion had not yet reached Optuna is completed there from its row.
 """
 
 from __future__ import annotations
