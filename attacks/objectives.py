@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attacks.convolution import ExactInversionConvolutions
+
 
 def select_parameters(
     model: nn.Module, available: Sequence[str], ignore: Sequence[str] = ()
@@ -58,9 +60,14 @@ def dummy_gradients(
     create_graph: bool = True,
 ) -> tuple[torch.Tensor, ...]:
     """Gradient of the training loss on dummy data w.r.t. ``params``, differentiable in the
-    dummy data (double backward) when ``create_graph``."""
-    loss = training_loss(model, inputs, targets)
-    return torch.autograd.grad(loss, list(params), create_graph=create_graph)
+    dummy data (double backward) when ``create_graph``; then the convolutions run through
+    :class:`attacks.convolution.ExactInversionConvolutions` (bit-identical values, a double
+    backward without the products nobody asked for)."""
+    if not create_graph:
+        return torch.autograd.grad(training_loss(model, inputs, targets), list(params))
+    with ExactInversionConvolutions():
+        loss = training_loss(model, inputs, targets)
+    return torch.autograd.grad(loss, list(params), create_graph=True)
 
 
 def l2_distance(dummy: Sequence[torch.Tensor], target: Sequence[torch.Tensor]) -> torch.Tensor:

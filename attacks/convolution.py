@@ -1,0 +1,273 @@
+"""2-D convolutions whose double backward skips the products nobody asked for, with
+bit-identical results.
+
+Gradient matching (DLG, iDLG, Inverting Gradients, DLM) differentiates the model's weight
+gradient ``g(x) = dL/dW`` with respect to the dummy images ``x``: a double backward. PyTorch's
+double backward of a convolution (``_convolution_double_backward`` in ATen) returns three
+products -- for the first backward's output gradient ``gO``, its input ``x`` and its weight
+``W`` -- and computes the weight product whenever the input-gradient branch carries a gradient,
+whatever the autograd engine asked for. When the attack differentiates with respect to its dummy
+data only, and ``W`` is the weights the server sent, that product is never used: on the
+Inverting Gradients ConvNet it is one "batch and channels swapped" convolution per layer whose
+kernel is the whole image, about a sixth of an attack iteration. Likewise, the first backward
+of the forward convolution is asked for the weight gradient whenever the weight requires one,
+where PyTorch's own node asks the engine whether anything will use it.
+
+:class:`ExactInversionConvolutions` is a ``TorchFunctionMode`` that routes ``conv2d`` calls made
+under it through :class:`Conv2dForInversion`. Its forward, its first backward and its double
+backward call exactly the ATen operators PyTorch's own convolution nodes call, with the same
+arguments and in the same order (``convolution``; ``convolution_backward``; the formulas of
+``_convolution_double_backward``), so every value is bit-identical to ``F.conv2d``'s
+(``tests/attacks/test_convolution.py`` checks with ``torch.equal``, for the attacks' objectives,
+DLM's unrolled steps, shared weights and second-order weight gradients). What differs is only
+which products are computed: each node asks the autograd engine (``_will_engine_execute_node``,
+the query behind ``torch.autograd.graph.register_multi_grad_hook``) whether a gradient for each
+of its inputs will be used, as ATen's nodes do through ``should_compute_output``, and computes
+the weight product only then (with ATen's own ``_convolution_double_backward``). Leaf weights
+enter through one identity view per context, because the engine cannot be asked about a leaf
+during ``torch.autograd.grad``; leaf inputs (the dummy image) are not asked about, and their
+gradient is computed whenever they require one (a small convolution in the first layer).
+
+An earlier, dropped variant wrote the first backward's input gradient as a transposed
+convolution: the same values up to rounding, and that rounding moved reconstructions (see
+``docs/performance.md``). This one does not round differently anywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.autograd.graph import get_gradient_edge
+from torch.overrides import TorchFunctionMode
+
+_Pair = tuple[int, int]
+_ZERO_PAD: list[int] = [0, 0]
+
+
+def _pair(value: int | tuple[int, ...] | list[int]) -> _Pair:
+    if isinstance(value, int):
+        return (value, value)
+    if len(value) == 1:
+        return (int(value[0]), int(value[0]))
+    return (int(value[0]), int(value[1]))
+
+
+def _engine_needs(t: torch.Tensor) -> bool:
+    """Whether the running backward pass will use a gradient for ``t``: the information
+    PyTorch's own nodes read as ``should_compute_output``. Falls back to ``requires_grad``
+    (compute, never skip) where this PyTorch lacks the engine query."""
+    if not t.requires_grad:
+        return False
+    query = getattr(torch._C, "_will_engine_execute_node", None)
+    if query is None or t.grad_fn is None:  # the engine cannot be asked about leaves
+        return True
+    return bool(query(get_gradient_edge(t).node))
+
+
+class _Conv2dBackward(torch.autograd.Function):
+    """The first backward of a convolution as one node: ``convolution_backward``, as
+    PyTorch's ``ConvolutionBackward0`` calls it. Its own backward is ATen's
+    ``_convolution_double_backward`` when the weight product is needed and otherwise the
+    same formulas without it."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        grad_out: torch.Tensor,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias_size: int | None,
+        conf: tuple[_Pair, _Pair, _Pair, int],
+        mask: tuple[bool, bool, bool],
+    ) -> tuple[torch.Tensor, ...]:
+        stride, padding, dilation, groups = conf
+        grads = torch.ops.aten.convolution_backward(
+            grad_out,
+            x,
+            weight,
+            None if bias_size is None else [bias_size],
+            list(stride),
+            list(padding),
+            list(dilation),
+            False,
+            _ZERO_PAD,
+            groups,
+            list(mask),
+        )
+        ctx.save_for_backward(grad_out, x, weight)
+        ctx.conf = conf
+        ctx.mask = mask
+        ctx.set_materialize_grads(False)  # undefined incoming gradients stay None, as in ATen
+        return tuple(g for g, wanted in zip(grads, mask, strict=True) if wanted)
+
+    @staticmethod
+    def backward(ctx: Any, *incoming: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        grad_out, x, weight = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conf
+        slots = iter(incoming)
+        ggi, ggw, ggb = (next(slots) if wanted else None for wanted in ctx.mask)
+        need_out, need_x, need_weight = (_engine_needs(t) for t in (grad_out, x, weight))
+        if need_weight:
+            gg_out, g_x, g_weight = torch.ops.aten._convolution_double_backward(
+                ggi, ggw, ggb, grad_out, weight, x,
+                list(stride), list(padding), list(dilation), False, _ZERO_PAD, groups,
+                [need_out, need_x, need_weight],
+            )  # fmt: skip
+            return gg_out, g_x, g_weight, None, None, None
+        # ATen's formulas without the weight product gW = conv(ggI^T, gO^T)^T
+        if x.is_cuda:  # ATen makes these contiguous on CUDA
+            weight = weight.contiguous()
+            ggw = None if ggw is None else ggw.contiguous()
+            grad_out = grad_out.contiguous()
+        # ggO = conv(ggI, W) + conv(x, ggW) + ggb, in ATen's order
+        gg_out = None
+        if x.numel() != 0:
+            if ggi is not None:
+                gg_out = torch.ops.aten.convolution(
+                    ggi, weight, None, list(stride), list(padding), list(dilation), False,
+                    _ZERO_PAD, groups,
+                )  # fmt: skip
+            if ggw is not None:
+                term = torch.ops.aten.convolution(
+                    x, ggw, None, list(stride), list(padding), list(dilation), False,
+                    _ZERO_PAD, groups,
+                )  # fmt: skip
+                gg_out = term if gg_out is None else gg_out + term
+        if ggb is not None:
+            shape = [1] * grad_out.dim()
+            shape[1] = ggb.shape[0]
+            expanded = ggb.contiguous().view(shape).expand(grad_out.shape)
+            gg_out = expanded if gg_out is None else gg_out + expanded
+        # gI = convT(gO, ggW), with the output padding that restores x's size
+        g_x = None
+        if x.numel() != 0 and ggw is not None:
+            output_padding = list(_ZERO_PAD)
+            for i in range(2):
+                expected = (
+                    (weight.shape[2 + i] - 1) * dilation[i]
+                    - 2 * padding[i]
+                    + (stride[i] * (grad_out.shape[2 + i] - 1) + 1)
+                )
+                if expected != x.shape[2 + i]:
+                    output_padding[i] = x.shape[2 + i] - expected
+            g_x = torch.ops.aten.convolution(
+                grad_out, ggw, None, list(stride), list(padding), list(dilation), True,
+                output_padding, groups,
+            )  # fmt: skip
+        return gg_out, g_x, None, None, None, None
+
+
+class Conv2dForInversion(torch.autograd.Function):
+    """``F.conv2d`` (the same ATen ``convolution`` call) whose backward is
+    :class:`_Conv2dBackward`."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        stride: _Pair,
+        padding: _Pair,
+        dilation: _Pair,
+        groups: int,
+    ) -> torch.Tensor:
+        return torch.ops.aten.convolution(  # type: ignore[no-any-return]
+            x, weight, bias, list(stride), list(padding), list(dilation), False, _ZERO_PAD, groups
+        )
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        x, weight, bias, stride, padding, dilation, groups = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.conf = (stride, padding, dilation, groups)
+        ctx.bias_size = None if bias is None else int(bias.shape[0])
+        ctx.bias = bias
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_out: torch.Tensor
+    ) -> tuple[torch.Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        mask = (
+            _engine_needs(x),
+            _engine_needs(weight),
+            ctx.bias_size is not None and ctx.needs_input_grad[2] and _engine_needs(ctx.bias),
+        )
+        if not any(mask):
+            return None, None, None, None, None, None, None
+        grads = iter(_Conv2dBackward.apply(grad_out, x, weight, ctx.bias_size, ctx.conf, mask))
+        g_x, g_weight, g_bias = (next(grads) if wanted else None for wanted in mask)
+        return g_x, g_weight, g_bias, None, None, None, None
+
+
+def conv2d_for_inversion(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: int | tuple[int, ...] = 1,
+    padding: int | tuple[int, ...] = 0,
+    dilation: int | tuple[int, ...] = 1,
+    groups: int = 1,
+) -> torch.Tensor:
+    """``F.conv2d`` for 4-D inputs and numeric padding, through :class:`Conv2dForInversion`."""
+    return Conv2dForInversion.apply(  # type: ignore[no-any-return]
+        x, weight, bias, _pair(stride), _pair(padding), _pair(dilation), int(groups)
+    )
+
+
+_CONV2D: tuple[Callable[..., torch.Tensor], ...] = (torch.conv2d, torch.nn.functional.conv2d)
+_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+
+
+class ExactInversionConvolutions(TorchFunctionMode):
+    """Within this context every ``conv2d`` on a 4-D input with numeric padding runs through
+    :class:`Conv2dForInversion` (bit-identical values, fewer products; see the module
+    docstring); anything else (string padding such as ``"same"``, unbatched inputs, other
+    operators) is left alone. Enter it afresh for each graph: it keeps one view per leaf
+    weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._views: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _askable(self, t: torch.Tensor) -> torch.Tensor:
+        """A leaf weight that requires a gradient enters through one identity view per context
+        (same storage and strides, so the same kernels run): the engine can say whether a
+        gradient reaches a non-leaf tensor's node, but not a leaf's during
+        ``torch.autograd.grad``. One view per context, so that several uses of a shared weight
+        still accumulate in one place, in the order PyTorch would."""
+        if not t.requires_grad or t.grad_fn is not None:
+            return t
+        cached = self._views.get(id(t))
+        if cached is None or cached[0] is not t:
+            cached = (t, t.view_as(t))
+            self._views[id(t)] = cached
+        return cached[1]
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func in _CONV2D:
+            bound = dict(zip(_ARGS, args, strict=False))
+            bound.update(kwargs)
+            x = bound.get("input")
+            padding = bound.get("padding", 0)
+            if isinstance(x, torch.Tensor) and x.dim() == 4 and not isinstance(padding, str):
+                bias = bound.get("bias")
+                return conv2d_for_inversion(
+                    x,
+                    self._askable(bound["weight"]),
+                    None if bias is None else self._askable(bias),
+                    bound.get("stride", 1),
+                    padding,
+                    bound.get("dilation", 1),
+                    bound.get("groups", 1),
+                )
+        return func(*args, **kwargs)

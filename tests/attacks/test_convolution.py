@@ -1,0 +1,210 @@
+"""attacks.convolution: bit-identical values to F.conv2d, without the unused double-backward
+weight products."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from attacks.convolution import Conv2dForInversion, ExactInversionConvolutions
+from attacks.objectives import cosine_distance, dummy_gradients, l2_distance
+from fl import models
+
+Distance = Callable[[list[torch.Tensor], list[torch.Tensor]], torch.Tensor]
+
+
+def _objective(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, exact_mode: bool, distance: Distance
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The dummy gradient and d/dx of a gradient-matching distance to a fixed target."""
+    params = list(model.parameters())
+    gen = torch.Generator().manual_seed(1)
+    target = [torch.randn(p.shape, generator=gen) for p in params]
+    if exact_mode:
+        grads = list(dummy_gradients(model, params, x, y))
+    else:
+        loss = F.cross_entropy(model(x), y)
+        grads = list(torch.autograd.grad(loss, params, create_graph=True))
+    (gx,) = torch.autograd.grad(distance(grads, target), [x])
+    return [g.detach() for g in grads], gx
+
+
+@pytest.mark.parametrize("distance", [cosine_distance, l2_distance])
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize(
+    ("name", "size", "extra"),
+    [("convnet", 16, {"width": 8}), ("lenet", 32, {})],  # LeNet: strides 2, output padding
+)
+def test_gradients_and_image_gradient_are_bit_identical(
+    name: str, size: int, extra: dict[str, int], train: bool, distance: Distance
+) -> None:
+    torch.manual_seed(0)
+    model = models.build(name, channels=3, classes=3, image_size=size, **extra)
+    model.train(train)
+    x = torch.randn(2, 3, size, size, requires_grad=True)
+    y = torch.tensor([1, 0])
+    plain_grads, plain_gx = _objective(model, x, y, False, distance)
+    grads, gx = _objective(model, x, y, True, distance)
+    assert plain_gx.abs().max() > 0
+    assert all(torch.equal(a, b) for a, b in zip(plain_grads, grads, strict=True))
+    assert torch.equal(plain_gx, gx)
+
+
+def test_unrolled_local_steps_are_bit_identical() -> None:
+    """DLM's case: weights after a differentiable step depend on the dummy data and the
+    learning rate, so their double backward keeps the weight product (PyTorch's own)."""
+    torch.manual_seed(0)
+    model = models.build("lenet", channels=3, classes=3, image_size=32)
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    lr = torch.tensor(0.1, requires_grad=True)
+    y = torch.tensor([1, 0])
+
+    def unroll(exact_mode: bool) -> tuple[torch.Tensor, ...]:
+        start = {n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters()}
+        current = dict(start)
+        for _ in range(2):
+            if exact_mode:
+                with ExactInversionConvolutions():
+                    logits = functional_call(model, current, (x,))
+            else:
+                logits = functional_call(model, current, (x,))
+            grads = torch.autograd.grad(
+                F.cross_entropy(logits, y), list(current.values()), create_graph=True
+            )
+            current = {n: w - lr * g for (n, w), g in zip(current.items(), grads, strict=True)}
+        distance = sum(((current[n] - start[n] - 0.01) ** 2).sum() for n in current)
+        return torch.autograd.grad(distance, [x, lr])
+
+    plain, exact = unroll(False), unroll(True)
+    assert plain[0].abs().max() > 0
+    assert torch.equal(plain[0], exact[0]) and torch.equal(plain[1], exact[1])
+
+
+class _SharedConv(torch.nn.Module):
+    """One convolution applied three times: its weight's gradient sums three contributions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+        self.head = torch.nn.Linear(3 * 8 * 8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(3):
+            x = torch.tanh(self.conv(x))
+        return self.head(x.flatten(1))
+
+
+def test_shared_weights_and_second_order_weight_gradients_are_bit_identical() -> None:
+    """A weight used three times accumulates in PyTorch's order; a second-order gradient asked
+    for the leaf weights themselves gets PyTorch's full double backward."""
+    torch.manual_seed(0)
+    model = _SharedConv()
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    y = torch.tensor([1, 0])
+    params = list(model.parameters())
+
+    def run(exact_mode: bool) -> tuple[torch.Tensor, ...]:
+        if exact_mode:
+            with ExactInversionConvolutions():
+                loss = F.cross_entropy(model(x), y)
+        else:
+            loss = F.cross_entropy(model(x), y)
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        penalty = sum((g**2).sum() for g in grads)
+        return (*grads, *torch.autograd.grad(penalty, [x, *params]))
+
+    plain, exact = run(False), run(True)
+    assert len(plain) == len(exact) == 2 * len(params) + 1
+    assert all(torch.equal(a, b) for a, b in zip(plain, exact, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("stride", "padding", "dilation", "groups", "bias"),
+    [(1, 1, 1, 1, True), (2, 1, 1, 2, False), (2, 0, 2, 1, True), (3, 2, 1, 1, True)],
+)
+def test_derivatives_of_every_order_are_exact(
+    stride: int, padding: int, dilation: int, groups: int, bias: bool
+) -> None:
+    """gradcheck and gradgradcheck in float64 (strides whose transposed convolution needs
+    output padding, groups, dilation), and the image gradient of a weight-gradient norm equal
+    to plain autograd's in float32."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 7, 7, dtype=torch.float64, generator=gen, requires_grad=True)
+    w = torch.randn(6, 4 // groups, 3, 3, dtype=torch.float64, generator=gen, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, generator=gen, requires_grad=True) if bias else None
+
+    def f(x: torch.Tensor, w: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+        with ExactInversionConvolutions():
+            return F.conv2d(x, w, rest[0] if rest else None, stride, padding, dilation, groups)
+
+    inputs = (x, w, b) if b is not None else (x, w)
+    assert torch.equal(f(*inputs), F.conv2d(x, w, b, stride, padding, dilation, groups))
+    assert torch.autograd.gradcheck(f, inputs)
+    assert torch.autograd.gradgradcheck(f, inputs)
+
+    def image_gradient(exact_mode: bool) -> torch.Tensor:
+        xs, ws = x.float().detach().requires_grad_(), w.float().detach().requires_grad_()
+        bs = None if b is None else b.float().detach().requires_grad_()
+        if exact_mode:
+            out = f(xs, ws, *(() if bs is None else (bs,)))
+        else:
+            out = F.conv2d(xs, ws, bs, stride, padding, dilation, groups)
+        wanted = [ws] if bs is None else [ws, bs]
+        grads = torch.autograd.grad(torch.sin(out).sum(), wanted, create_graph=True)
+        (gx,) = torch.autograd.grad(sum((g**2).sum() for g in grads), [xs])
+        return gx
+
+    assert torch.equal(image_gradient(True), image_gradient(False))
+
+
+class _WholeImageKernels(TorchDispatchMode):
+    """Counts the convolutions that compute a weight product the way PyTorch's conv double
+    backward does: batch and channels swapped, the kernel as large as the image."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func.overloadpacket is torch.ops.aten.convolution:
+            x, w = args[0], args[1]
+            if x.dim() == 4 and tuple(w.shape[-2:]) == tuple(x.shape[-2:]) and x.shape[-1] > 3:
+                self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_double_backward_skips_the_unused_weight_products() -> None:
+    """One objective-gradient evaluation on the ConvNet: plain autograd computes the weight
+    product of each of the seven layers whose input gradient is taken, though nothing asks for
+    it; the exact mode computes none."""
+    torch.manual_seed(0)
+    model = models.build("convnet", channels=3, classes=3, image_size=16, width=8).train()
+    x = torch.randn(2, 3, 16, 16, requires_grad=True)
+    y = torch.tensor([1, 0])
+    counts = {}
+    for exact_mode in (False, True):
+        with _WholeImageKernels() as counter:
+            _objective(model, x, y, exact_mode, cosine_distance)
+        counts[exact_mode] = counter.count
+    assert counts == {False: 7, True: 0}
+
+
+def test_mode_leaves_other_calls_alone() -> None:
+    """String padding and unbatched inputs go to F.conv2d unchanged; outside the context
+    nothing is rerouted."""
+    x = torch.randn(1, 2, 5, 5, requires_grad=True)
+    w = torch.randn(3, 2, 3, 3)
+    with ExactInversionConvolutions():
+        same = F.conv2d(x, w, padding="same")
+        unbatched = F.conv2d(x[0], w, padding=1)
+        routed = F.conv2d(x, w, padding=1)
+    name = Conv2dForInversion.__name__
+    assert same.grad_fn is not None and name not in type(same.grad_fn).__name__
+    assert name not in type(unbatched.grad_fn).__name__
+    assert name in type(routed.grad_fn).__name__
+    assert name not in type(F.conv2d(x, w).grad_fn).__name__
