@@ -35,10 +35,12 @@ convolution: the same values up to rounding, and that rounding moved reconstruct
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import nn
 from torch.autograd.graph import get_gradient_edge
 from torch.overrides import TorchFunctionMode
 
@@ -271,3 +273,13 @@ class ExactInversionConvolutions(TorchFunctionMode):
                     bound.get("groups", 1),
                 )
         return func(*args, **kwargs)
+
+
+def inversion_convolutions(model: nn.Module) -> contextlib.AbstractContextManager[Any]:
+    """:class:`ExactInversionConvolutions` for a model with ``nn.Conv2d`` layers, otherwise a
+    no-op context: the mode intercepts every torch call made under it, which costs an MLP
+    about 5 % of an attack iteration for nothing. (A model that calls ``F.conv2d`` without an
+    ``nn.Conv2d`` module simply keeps PyTorch's own double backward.)"""
+    if any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        return ExactInversionConvolutions()
+    return contextlib.nullcontext()

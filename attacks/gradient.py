@@ -9,7 +9,7 @@ from pydantic import Field
 from torch.func import functional_call
 
 from attacks.base import Attack, AttackParams, Attempt, register_attack
-from attacks.convolution import ExactInversionConvolutions
+from attacks.convolution import inversion_convolutions
 from attacks.label_modes import LabelMode, plan_labels
 from attacks.objectives import (
     cosine_distance,
@@ -211,7 +211,7 @@ def unrolled_update(
     for _ in range(steps):
         idx = slice(start, min(start + batch_size, n))
         start = 0 if idx.stop >= n else idx.stop
-        with ExactInversionConvolutions():  # bit-identical, a leaner double backward
+        with inversion_convolutions(setup.model):  # bit-identical, leaner double backward
             logits = functional_call(setup.model, current, (x[idx],))
         loss = soft_cross_entropy(logits, targets[idx])
         extra = getattr(setup.model, "extra_loss", None)

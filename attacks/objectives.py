@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attacks.convolution import ExactInversionConvolutions
+from attacks.convolution import inversion_convolutions
 
 
 def select_parameters(
@@ -61,11 +61,11 @@ def dummy_gradients(
 ) -> tuple[torch.Tensor, ...]:
     """Gradient of the training loss on dummy data w.r.t. ``params``, differentiable in the
     dummy data (double backward) when ``create_graph``; then the convolutions run through
-    :class:`attacks.convolution.ExactInversionConvolutions` (bit-identical values, a double
+    :func:`attacks.convolution.inversion_convolutions` (bit-identical values, a double
     backward without the products nobody asked for)."""
     if not create_graph:
         return torch.autograd.grad(training_loss(model, inputs, targets), list(params))
-    with ExactInversionConvolutions():
+    with inversion_convolutions(model):
         loss = training_loss(model, inputs, targets)
     return torch.autograd.grad(loss, list(params), create_graph=True)
 
