@@ -11,7 +11,11 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from attacks.convolution import Conv2dForInversion, ExactInversionConvolutions
+from attacks.convolution import (
+    Conv2dForInversion,
+    ExactInversionConvolutions,
+    inversion_convolutions,
+)
 from attacks.objectives import cosine_distance, dummy_gradients, l2_distance
 from fl import models
 
@@ -208,3 +212,12 @@ def test_mode_leaves_other_calls_alone() -> None:
     assert name not in type(unbatched.grad_fn).__name__
     assert name in type(routed.grad_fn).__name__
     assert name not in type(F.conv2d(x, w).grad_fn).__name__
+
+
+def test_only_models_with_convolutions_enter_the_mode() -> None:
+    """The mode intercepts every torch call: models without Conv2d layers (the medical study's
+    MLP) keep plain PyTorch."""
+    convnet = models.build("convnet", channels=1, classes=2, image_size=16, width=4)
+    mlp = models.build("mlp", channels=1, classes=2, image_size=16, hidden=[8])
+    assert isinstance(inversion_convolutions(convnet), ExactInversionConvolutions)
+    assert not isinstance(inversion_convolutions(mlp), ExactInversionConvolutions)
