@@ -9,9 +9,7 @@ products -- for the first backward's output gradient ``gO``, its input ``x`` and
 whatever the autograd engine asked for. When the attack differentiates with respect to its dummy
 data only, and ``W`` is the weights the server sent, that product is never used: on the
 Inverting Gradients ConvNet it is one "batch and channels swapped" convolution per layer whose
-kernel is the whole image, about a sixth of an attack iteration. Likewise, the first backward
-of the forward convolution is asked for the weight gradient whenever the weight requires one,
-where PyTorch's own node asks the engine whether anything will use it.
+kernel is the whole image, about a sixth of an attack iteration.
 
 :class:`ExactInversionConvolutions` is a ``TorchFunctionMode`` that routes ``conv2d`` calls made
 under it through :class:`Conv2dForInversion`. Its forward, its first backward and its double
