@@ -11,7 +11,8 @@ Names used in ``objectives``, Parquet columns and MLflow:
   worst case over attacks (the maximum of PSNR, SSIM, label accuracy and success rate, the
   minimum of LPIPS), computed over every image of every attacked round and victim;
 - ``epsilon`` (DP-SGD); cost: ``seconds_train``, ``seconds_attack`` (attacks with their
-  scoring), ``seconds_metrics`` (the scoring alone: PSNR, SSIM, LPIPS), ``peak_memory_mb``.
+  scoring), ``<attack>_seconds`` (each attack's part of it, its scoring included),
+  ``seconds_metrics`` (the scoring alone: PSNR, SSIM, LPIPS), ``peak_memory_mb``.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ WORST: dict[str, Literal["max", "min"]] = {
     "success_rate": "max",
 }
 OTHER = ("epsilon", "seconds_train", "seconds_attack", "seconds_metrics", "peak_memory_mb")
+#: Per-attack cost: ``<attack>_seconds``, that attack's share of ``seconds_attack``.
+COST_PER_ATTACK = "seconds"
 
 
 @dataclass(frozen=True)
@@ -87,7 +90,7 @@ def builtin_names(attacks: Sequence[str] = ()) -> list[str]:
     """The built-in metric names for a study with these attack labels."""
     names = list(UTILITY) + list(DERIVED) + [f"attack_{p}" for p in PRIVACY] + list(OTHER)
     for a in attacks:
-        names += [f"{a}_{p}" for p in PRIVACY]
+        names += [f"{a}_{p}" for p in PRIVACY] + [f"{a}_{COST_PER_ATTACK}"]
     return names
 
 

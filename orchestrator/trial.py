@@ -164,7 +164,9 @@ def run_trial(
     for rnd, clients in ((r.round, r.clients) for r in result.history):
         for rank, client in enumerate(clients):
             victim_rank[(rnd, client)] = rank
+    seconds_per_attack: dict[str, float] = {}
     for spec in config.attacks:
+        t_attack = time.perf_counter()
         attack = get_attack(spec.name, seed=config.seed, **spec.params)
         rows: list[dict[str, Any]] = []
         chosen = [
@@ -220,6 +222,7 @@ def run_trial(
                 )
         per_attack[spec.key] = attack_summary(rows, config.success_psnr)
         records.extend(rows)
+        seconds_per_attack[spec.key] = time.perf_counter() - t_attack
     seconds_attack = time.perf_counter() - t0
 
     final = result.final_metrics
@@ -234,6 +237,7 @@ def run_trial(
     metrics["seconds_train"] = seconds_train
     metrics["seconds_attack"] = seconds_attack
     metrics["seconds_metrics"] = seconds_metrics
+    metrics.update({f"{key}_seconds": s for key, s in seconds_per_attack.items()})
     metrics["peak_memory_mb"] = _peak_memory_mb(dev)
     rounds_rows = [
         {

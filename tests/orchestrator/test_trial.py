@@ -25,6 +25,9 @@ def test_trial_command_prints_json_metrics(tiny_study, capsys) -> None:
     assert out["defense"] == "prune" and out["params"]["percent"] == 50
     assert out["metrics"]["test_accuracy"] is not None
     assert out["metrics"]["idlg_psnr_max"] is not None and len(out["rounds"]) == 2
+    costs = out["metrics"]
+    assert 0 < costs["seconds_metrics"] <= costs["idlg_seconds"] <= costs["seconds_attack"]
+    assert costs["seconds_train"] > 0 and costs["peak_memory_mb"] > 0
 
 
 def test_trial_command_rejects_unknown_hyperparameter(tiny_study, capsys) -> None:
