@@ -221,3 +221,35 @@ def test_only_models_with_convolutions_enter_the_mode() -> None:
     mlp = models.build("mlp", channels=1, classes=2, image_size=16, hidden=[8])
     assert isinstance(inversion_convolutions(convnet), ExactInversionConvolutions)
     assert not isinstance(inversion_convolutions(mlp), ExactInversionConvolutions)
+
+
+@pytest.mark.parametrize("how", ["backward", "grad_of_image_and_weights"])
+def test_every_way_of_asking_for_gradients_is_bit_identical(how: str) -> None:
+    """``.backward()`` (the engine then runs every node, nothing to ask) and ``autograd.grad``
+    for the image and some weights at once."""
+    torch.manual_seed(0)
+    model = models.build("convnet", channels=3, classes=3, image_size=16, width=8).train()
+    x0 = torch.randn(2, 3, 16, 16)
+    y = torch.tensor([1, 0])
+    params = list(model.parameters())
+
+    def run(exact_mode: bool) -> list[torch.Tensor]:
+        x = x0.clone().requires_grad_(True)
+        if exact_mode:
+            with ExactInversionConvolutions():
+                loss = F.cross_entropy(model(x), y)
+        else:
+            loss = F.cross_entropy(model(x), y)
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        penalty = sum((g**2).sum() for g in grads)
+        if how == "backward":
+            model.zero_grad(set_to_none=True)
+            penalty.backward()
+            out = [x.grad, *(p.grad for p in params)]
+            model.zero_grad(set_to_none=True)
+            return out  # type: ignore[return-value]
+        return list(torch.autograd.grad(penalty, [x, *params[:3]]))
+
+    plain, exact = run(False), run(True)
+    assert all(t is not None for t in plain)
+    assert all(torch.equal(a, b) for a, b in zip(plain, exact, strict=True))
