@@ -26,6 +26,15 @@ enter through one identity view per context, because the engine cannot be asked 
 during ``torch.autograd.grad``; leaf inputs (the dummy image) are not asked about, and their
 gradient is computed whenever they require one (a small convolution in the first layer).
 
+One limit, from the views: a leaf weight's gradient sums the contributions of its convolutions
+in one context at the view before adding anything else. So it is bit-identical when every use
+of that leaf in the differentiated graph is a convolution of one context (the attacks: one
+context per dummy forward pass; DLM's later steps use non-leaf weights); if the same leaf is
+also used directly (a weight-decay term), by a transposed convolution or in a second context,
+three or more contributions can be summed in another order (a difference of ~1e-6 relative).
+Calls the custom functions cannot serve exactly keep PyTorch's own path (see
+:func:`_routable`).
+
 An earlier, dropped variant wrote the first backward's input gradient as a transposed
 convolution: the same values up to rounding, and that rounding moved reconstructions (see
 ``docs/performance.md``). This one does not round differently anywhere.
@@ -184,11 +193,14 @@ class Conv2dForInversion(torch.autograd.Function):
         ctx.conf = (stride, padding, dilation, groups)
         ctx.bias_size = None if bias is None else int(bias.shape[0])
         ctx.bias = bias
+        ctx.set_materialize_grads(False)  # an undefined gradient stays undefined, as in ATen
 
     @staticmethod
     def backward(  # type: ignore[override]
-        ctx: Any, grad_out: torch.Tensor
+        ctx: Any, grad_out: torch.Tensor | None
     ) -> tuple[torch.Tensor | None, ...]:
+        if grad_out is None:
+            return None, None, None, None, None, None, None
         x, weight = ctx.saved_tensors
         mask = (
             _engine_needs(x),
@@ -217,6 +229,44 @@ def conv2d_for_inversion(
     )
 
 
+def _is_size(value: Any) -> bool:
+    """A stride, padding or dilation ``_pair`` reads as ATen would: an int, or 1 or 2 ints."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return True
+    return (
+        isinstance(value, (tuple, list))
+        and len(value) in (1, 2)
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    )
+
+
+def _routable(bound: dict[str, Any]) -> bool:
+    """Whether a ``conv2d`` call goes through :class:`Conv2dForInversion`. Everything this
+    function does not cover keeps PyTorch's own path: unbatched or complex inputs, string
+    padding (``"same"``), sizes given other than as ints, autocast (which ``F.conv2d`` applies
+    and ``aten.convolution`` would not), forward-mode AD and ``torch.func`` transforms (the
+    custom functions define neither ``jvp`` nor ``vmap``)."""
+    x, weight = bound.get("input"), bound.get("weight")
+    if not (isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor)):
+        return False
+    if x.dim() != 4 or weight.dim() != 4 or not x.is_floating_point():
+        return False
+    sizes = (bound.get("stride", 1), bound.get("padding", 0), bound.get("dilation", 1))
+    groups = bound.get("groups", 1)
+    if not all(_is_size(v) for v in sizes) or isinstance(groups, bool):
+        return False
+    if not isinstance(groups, int):
+        return False
+    if torch.is_autocast_enabled(x.device.type):
+        return False
+    if torch.autograd.forward_ad._current_level >= 0:
+        return False
+    transforms_active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return not (transforms_active is None or transforms_active())
+
+
 _CONV2D: tuple[Callable[..., torch.Tensor], ...] = (torch.conv2d, torch.nn.functional.conv2d)
 _ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 
@@ -238,7 +288,7 @@ class ExactInversionConvolutions(TorchFunctionMode):
         gradient reaches a non-leaf tensor's node, but not a leaf's during
         ``torch.autograd.grad``. One view per context, so that several uses of a shared weight
         still accumulate in one place, in the order PyTorch would."""
-        if not t.requires_grad or t.grad_fn is not None:
+        if not t.requires_grad or t.grad_fn is not None or not torch.is_grad_enabled():
             return t
         cached = self._views.get(id(t))
         if cached is None or cached[0] is not t:
@@ -257,16 +307,14 @@ class ExactInversionConvolutions(TorchFunctionMode):
         if func in _CONV2D:
             bound = dict(zip(_ARGS, args, strict=False))
             bound.update(kwargs)
-            x = bound.get("input")
-            padding = bound.get("padding", 0)
-            if isinstance(x, torch.Tensor) and x.dim() == 4 and not isinstance(padding, str):
+            if _routable(bound):
                 bias = bound.get("bias")
                 return conv2d_for_inversion(
-                    x,
+                    bound["input"],
                     self._askable(bound["weight"]),
                     None if bias is None else self._askable(bias),
                     bound.get("stride", 1),
-                    padding,
+                    bound.get("padding", 0),
                     bound.get("dilation", 1),
                     bound.get("groups", 1),
                 )

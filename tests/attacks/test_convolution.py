@@ -253,3 +253,73 @@ def test_every_way_of_asking_for_gradients_is_bit_identical(how: str) -> None:
     plain, exact = run(False), run(True)
     assert all(t is not None for t in plain)
     assert all(torch.equal(a, b) for a, b in zip(plain, exact, strict=True))
+
+
+def test_weight_first_seen_without_grad_keeps_its_gradient() -> None:
+    """A no-grad forward inside the context (e.g. a probe) must not cache a view that cuts the
+    weight off from later gradients."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(2, 3, 3, padding=1)
+    x = torch.randn(1, 2, 5, 5)
+
+    def run(exact_mode: bool) -> tuple[torch.Tensor, ...]:
+        with ExactInversionConvolutions() if exact_mode else torch.enable_grad():
+            with torch.no_grad():
+                conv(x)
+            loss = conv(x).square().sum()
+        return torch.autograd.grad(loss, [conv.weight, conv.bias])
+
+    assert all(torch.equal(a, b) for a, b in zip(run(False), run(True), strict=True))
+
+
+class _StopGradient(torch.autograd.Function):
+    """The identity, whose backward sends no gradient (an undefined one) upstream."""
+
+    @staticmethod
+    def forward(ctx, t):  # type: ignore[no-untyped-def, override]
+        return t.clone()
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[no-untyped-def, override]
+        return None
+
+
+def test_undefined_incoming_gradient_stays_undefined() -> None:
+    """As in ATen: no zeros are invented for a gradient nobody sent."""
+    conv = torch.nn.Conv2d(2, 3, 3)
+    x = torch.randn(1, 2, 5, 5, requires_grad=True)
+    with ExactInversionConvolutions():
+        out = _StopGradient.apply(conv(x))
+    grads = torch.autograd.grad(out.sum(), [x, conv.weight], allow_unused=True)
+    assert grads == (None, None)
+
+
+def test_calls_it_cannot_serve_exactly_keep_pytorchs_path() -> None:
+    """Autocast, complex inputs, forward-mode AD, torch.func transforms and sizes given as
+    anything but ints go to F.conv2d (same values, same errors)."""
+    import torch.autograd.forward_ad as fwAD
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 2, 6, 6, requires_grad=True)
+    w = torch.randn(3, 2, 3, 3, requires_grad=True)
+    name = Conv2dForInversion.__name__
+
+    def routed(out: torch.Tensor) -> bool:
+        return out.grad_fn is not None and name in type(out.grad_fn).__name__
+
+    with ExactInversionConvolutions():
+        assert routed(F.conv2d(x, w, padding=1))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            cast = F.conv2d(x, w)
+        assert cast.dtype == torch.bfloat16 and not routed(cast)
+        assert not routed(F.conv2d(x.to(torch.complex64), w.to(torch.complex64)))
+        assert not routed(F.conv2d(x, w, stride=torch.tensor(2)))
+        with pytest.raises(RuntimeError, match="stride"):
+            F.conv2d(x, w, stride=(1, 2, 2))  # ATen's own check, not a silent truncation
+        with fwAD.dual_level():
+            dual = fwAD.make_dual(x.detach(), torch.ones_like(x))
+            tangent = fwAD.unpack_dual(F.conv2d(dual, w.detach())).tangent
+        assert torch.equal(tangent, F.conv2d(torch.ones_like(x), w.detach()))
+        gx = torch.func.grad(lambda t: F.conv2d(t, w.detach()).square().sum())(x.detach())
+    expected = torch.func.grad(lambda t: F.conv2d(t, w.detach()).square().sum())(x.detach())
+    assert torch.equal(gx, expected)
