@@ -3,7 +3,9 @@ weight products."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -20,6 +22,11 @@ from attacks.objectives import cosine_distance, dummy_gradients, l2_distance
 from fl import models
 
 Distance = Callable[[list[torch.Tensor], list[torch.Tensor]], torch.Tensor]
+
+
+def _mode(exact_mode: bool) -> contextlib.AbstractContextManager[Any]:
+    """The exact convolution mode, or PyTorch's plain path to compare it with."""
+    return ExactInversionConvolutions() if exact_mode else contextlib.nullcontext()
 
 
 def _objective(
@@ -72,10 +79,7 @@ def test_unrolled_local_steps_are_bit_identical() -> None:
         start = {n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters()}
         current = dict(start)
         for _ in range(2):
-            if exact_mode:
-                with ExactInversionConvolutions():
-                    logits = functional_call(model, current, (x,))
-            else:
+            with _mode(exact_mode):
                 logits = functional_call(model, current, (x,))
             grads = torch.autograd.grad(
                 F.cross_entropy(logits, y), list(current.values()), create_graph=True
@@ -113,10 +117,7 @@ def test_shared_weights_and_second_order_weight_gradients_are_bit_identical() ->
     params = list(model.parameters())
 
     def run(exact_mode: bool) -> tuple[torch.Tensor, ...]:
-        if exact_mode:
-            with ExactInversionConvolutions():
-                loss = F.cross_entropy(model(x), y)
-        else:
+        with _mode(exact_mode):
             loss = F.cross_entropy(model(x), y)
         grads = torch.autograd.grad(loss, params, create_graph=True)
         penalty = sum((g**2).sum() for g in grads)
@@ -235,10 +236,7 @@ def test_every_way_of_asking_for_gradients_is_bit_identical(how: str) -> None:
 
     def run(exact_mode: bool) -> list[torch.Tensor]:
         x = x0.clone().requires_grad_(True)
-        if exact_mode:
-            with ExactInversionConvolutions():
-                loss = F.cross_entropy(model(x), y)
-        else:
+        with _mode(exact_mode):
             loss = F.cross_entropy(model(x), y)
         grads = torch.autograd.grad(loss, params, create_graph=True)
         penalty = sum((g**2).sum() for g in grads)
@@ -263,7 +261,7 @@ def test_weight_first_seen_without_grad_keeps_its_gradient() -> None:
     x = torch.randn(1, 2, 5, 5)
 
     def run(exact_mode: bool) -> tuple[torch.Tensor, ...]:
-        with ExactInversionConvolutions() if exact_mode else torch.enable_grad():
+        with _mode(exact_mode):
             with torch.no_grad():
                 conv(x)
             loss = conv(x).square().sum()
