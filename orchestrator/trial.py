@@ -27,7 +27,12 @@ from fl import data as fl_data
 from fl import models as fl_models
 from fl.simulation import CaptureConfig, RoundRecord, Simulator, resolve_device
 from orchestrator.config import StudyConfig
-from orchestrator.metrics import attack_summary, custom_objectives, worst_case
+from orchestrator.metrics import (
+    COST_PER_ATTACK,
+    attack_summary,
+    custom_objectives,
+    worst_case,
+)
 
 
 @dataclass
@@ -237,7 +242,7 @@ def run_trial(
     metrics["seconds_train"] = seconds_train
     metrics["seconds_attack"] = seconds_attack
     metrics["seconds_metrics"] = seconds_metrics
-    metrics.update({f"{key}_seconds": s for key, s in seconds_per_attack.items()})
+    metrics.update({f"{key}_{COST_PER_ATTACK}": s for key, s in seconds_per_attack.items()})
     metrics["peak_memory_mb"] = _peak_memory_mb(dev)
     rounds_rows = [
         {

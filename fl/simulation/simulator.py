@@ -262,23 +262,15 @@ class Simulator:
     def _train_vectorized(
         self, rnd: int, clients: list[int], global_state: dict[str, torch.Tensor]
     ) -> list[tuple[ClientResult, torch.Tensor]]:
-        cfg = self.config
         idxs = [torch.as_tensor(self.partition[c], device=self.device) for c in clients]
         results = run_clients_vectorized(
             self.global_model,
             global_state,
             [self.train_images[i] for i in idxs],
             [self.train_labels[i] for i in idxs],
-            algorithm=cfg.algorithm,
-            lr=cfg.lr,
-            batch_size=cfg.batch_size,
-            mean=self.mean,
-            std=self.std,
-            hooks=self.hooks,
             contexts=[self._context(rnd, c) for c in clients],
             rngs=[self._batch_order(rnd, c) for c in clients],
-            local_epochs=cfg.local_epochs,
-            local_steps=cfg.local_steps,
+            **self._local_training(),
         )
         return list(zip(results, idxs, strict=True))
 
@@ -315,6 +307,20 @@ class Simulator:
             algorithm=self.config.algorithm,
         )
 
+    def _local_training(self) -> dict[str, Any]:
+        """The local-training settings every client shares, one by one or vectorised."""
+        cfg = self.config
+        return {
+            "algorithm": cfg.algorithm,
+            "lr": cfg.lr,
+            "batch_size": cfg.batch_size,
+            "mean": self.mean,
+            "std": self.std,
+            "hooks": self.hooks,
+            "local_epochs": cfg.local_epochs,
+            "local_steps": cfg.local_steps,
+        }
+
     def _batch_order(self, rnd: int, client: int) -> np.random.Generator:
         """The generator of a client's batch order in a round (deterministic for the seed)."""
         return np.random.default_rng(_seed_int(self.seed, 2, rnd, client))
@@ -322,23 +328,15 @@ class Simulator:
     def _client_step(
         self, rnd: int, client: int, global_state: dict[str, torch.Tensor], model: nn.Module
     ) -> tuple[ClientResult, torch.Tensor]:
-        cfg = self.config
         model.load_state_dict(global_state)
         idx = torch.as_tensor(self.partition[client], device=self.device)
         result = run_client(
             model,
             self.train_images[idx],
             self.train_labels[idx],
-            algorithm=cfg.algorithm,
-            lr=cfg.lr,
-            batch_size=cfg.batch_size,
-            mean=self.mean,
-            std=self.std,
-            hooks=self.hooks,
             ctx=self._context(rnd, client),
-            local_epochs=cfg.local_epochs,
-            local_steps=cfg.local_steps,
             rng=self._batch_order(rnd, client),
+            **self._local_training(),
         )
         return result, idx
 
