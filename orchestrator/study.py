@@ -194,7 +194,7 @@ class Study:
         store = ResultStore(folder)
         tracker = StudyTracker(cfg.tracking.mlflow_uri, cfg.study, folder, resume=resume)
         storage = f"sqlite:///{folder / 'optuna.db'}"
-        done, points = self._reconcile(store, storage, resume)
+        done, points = self._reconcile(store, tracker, storage, resume)
         remaining = cfg.search.trials - done
         if not resume or tracker_is_new(tracker):
             tracker.log_study(_flat_params(cfg), dump_study(cfg))
@@ -246,9 +246,12 @@ class Study:
                 raise
         return summarise(cfg, store, tracker)
 
-    def _reconcile(self, store: Any, storage: str, resume: bool) -> tuple[int, list[dict]]:
-        """On resume: drop interrupted trials everywhere; count what is done; the first points
-        still to evaluate."""
+    def _reconcile(
+        self, store: Any, tracker: Any, storage: str, resume: bool
+    ) -> tuple[int, list[dict]]:
+        """On resume: drop interrupted trials everywhere (Parquet, MLflow, Optuna); count what is
+        done; the first points still to evaluate. Parquet is the record: a trial it does not hold
+        as completed runs again, even if the killed driver had already closed its MLflow run."""
         cfg = self.config
         points = initial_points(cfg)
         if not resume:
@@ -256,6 +259,7 @@ class Study:
         df = store.trials()
         interrupted = [] if df.empty else list(df.loc[df["status"] == "running", "trial_id"])
         store.remove_trials(interrupted)
+        tracker.remove_trials(interrupted)
         try:
             ot_study = optuna.load_study(study_name=cfg.study, storage=storage)
         except KeyError:

@@ -113,6 +113,16 @@ class StudyTracker:
             if run.info.status == "RUNNING":
                 self.client.set_terminated(run.info.run_id, status="KILLED")
 
+    def remove_trials(self, trial_ids: Iterable[str]) -> None:
+        """Delete the child runs of ``trial_ids`` (a resumed study re-runs the trials a killed
+        driver left unrecorded; a child run it had already finished would count twice)."""
+        ids = set(trial_ids)
+        if not ids:
+            return
+        for run in self._children(self.parent_run_id):
+            if run.data.tags.get(TRIAL_TAG) in ids:
+                self.client.delete_run(run.info.run_id)
+
     def log_study(self, params: dict[str, Any], study_yaml: str) -> None:
         """Study-level parameters and the validated study file."""
         self.client.log_batch(

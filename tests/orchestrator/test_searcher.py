@@ -12,6 +12,7 @@ from orchestrator.results import ResultStore
 from orchestrator.search import TUNE_TRIAL_ID, define_by_run
 from orchestrator.searcher import RecordedFirstOptunaSearch
 from orchestrator.study import Study
+from orchestrator.tracking import TRIAL_TAG, StudyTracker
 
 
 def test_success_reaches_optuna_only_when_released(completed_study) -> None:
@@ -42,10 +43,14 @@ def test_resume_completes_recorded_trials_and_fails_interrupted_ones(
     """A copy of a finished study gets two RUNNING Optuna trials, as a driver killed at the
     wrong moment leaves them: one whose Tune trial is recorded as completed in Parquet (killed
     between the record and telling Optuna) and one that never finished. Resuming's
-    reconciliation completes the first with the recorded objectives and fails the second."""
+    reconciliation completes the first with the recorded objectives and fails the second. A
+    trial Parquet still holds as running whose MLflow run was already closed (killed between
+    the two writes; seen in CI as 5 finished child runs for 4 trials) loses both."""
     cfg, _ = completed_study
-    copy_cfg = cfg.model_copy(update={"output": tmp_path})
+    tracking = cfg.tracking.model_copy(update={"mlflow_uri": f"sqlite:///{tmp_path}/mlflow.db"})
+    copy_cfg = cfg.model_copy(update={"output": tmp_path, "tracking": tracking})
     shutil.copytree(cfg.folder, copy_cfg.folder)
+    (copy_cfg.folder / "tracking.json").unlink()  # a fresh MLflow store for the copy
     storage = f"sqlite:///{copy_cfg.folder / 'optuna.db'}"
     ot_study = optuna.load_study(study_name=cfg.study, storage=storage)
     before = len(ot_study.get_trials())
@@ -55,9 +60,17 @@ def test_resume_completes_recorded_trials_and_fails_interrupted_ones(
     recorded.set_user_attr(TUNE_TRIAL_ID, str(row["trial_id"]))
     interrupted.set_user_attr(TUNE_TRIAL_ID, "never-recorded")
 
-    done, _ = Study(copy_cfg)._reconcile(ResultStore(copy_cfg.folder), storage, resume=True)
+    store = ResultStore(copy_cfg.folder)
+    store.upsert_trial({"trial_id": "cut", "status": "running", "defense": "none"})
+    tracker = StudyTracker(copy_cfg.tracking.mlflow_uri, cfg.study, copy_cfg.folder, resume=True)
+    for tid in (str(row["trial_id"]), "cut"):  # "cut": its run closed, then the driver died
+        tracker.log_trial(tid, params={}, metrics={}, rounds=[], tags={"defense": "none"})
 
-    assert done == len(trials)
+    done, _ = Study(copy_cfg)._reconcile(store, tracker, storage, resume=True)
+
+    assert done == len(trials) and "cut" not in set(store.trials()["trial_id"])
+    children = tracker._children(tracker.parent_run_id)
+    assert [c.data.tags[TRIAL_TAG] for c in children] == [str(row["trial_id"])]
     after = {t.number: t for t in ot_study.get_trials()}
     assert len(after) == before + 2
     assert after[recorded.number].state == optuna.trial.TrialState.COMPLETE
