@@ -332,8 +332,11 @@ class _Flaky(Defense):
 def test_a_retried_trial_resumes_from_its_round_checkpoint(tiny_study, tmp_path) -> None:
     """A trial that fails in round 2 of 4 is retried (search.max_failures) from its checkpoint
     after round 1: rounds 0 and 1 are not trained again, and the result equals a trial that
-    never failed."""
+    never failed. The trial that never failed runs on one torch thread, as Ray's one-CPU
+    worker does (OMP_NUM_THREADS=1): kernels may sum in another order on more threads, which
+    iDLG's L-BFGS would amplify."""
     import ray
+    import torch
 
     from orchestrator.trial import run_trial
 
@@ -363,7 +366,12 @@ def test_a_retried_trial_resumes_from_its_round_checkpoint(tiny_study, tmp_path)
             Study(cfg).run(verbose=0)
         finally:
             ray.shutdown()
-        clean = run_trial(cfg, "none", {})
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            clean = run_trial(cfg, "none", {})
+        finally:
+            torch.set_num_threads(threads)
     finally:
         unregister_defense("flaky")
     trained = [tuple(map(int, line.split())) for line in log.read_text().splitlines()]

@@ -103,8 +103,18 @@ def test_missing_dataset_is_one_readable_line(tiny_study, tmp_path, capsys) -> N
 
 def test_batched_victims_give_the_same_trial_as_separate_runs(tiny_study, monkeypatch) -> None:
     """A trial's Inverting Gradients victims (two clients in each of two rounds) reconstructed
-    in one batched optimisation score as the separate runs do (issue 8)."""
-    from orchestrator.trial import run_trial
+    in one batched optimisation are scored as the separate runs are (issue 8).
+
+    The bookkeeping is compared exactly: each reconstruction is scored against the same
+    victim's private images and labels, in the same record order. The reconstructions agree
+    only up to float32 rounding, which signed Adam amplifies by a CPU-dependent amount (their
+    float64 equality is tested in tests/attacks/test_batched.py), so they are compared by PSNR
+    against each other: at least 40 dB (RMS difference 0.01). Rounding effects seen on any CPU
+    stay above 58 dB; two different victims' reconstructions in this study are at most 20.8 dB
+    apart, so a victim mixed up in the batched path fails."""
+    import orchestrator.trial as trial_module
+    from attacks.gradient import InvertingGradients
+    from attacks.metrics import psnr
 
     attack = {
         "name": "inverting_gradients",
@@ -112,22 +122,27 @@ def test_batched_victims_give_the_same_trial_as_separate_runs(tiny_study, monkey
         "victims": 2,
         "params": {"iterations": 20, "tv": 1e-4},
     }
-    from attacks.gradient import InvertingGradients
-
-    separate_runs = []
-    original = InvertingGradients.run
+    separate_runs: list[int] = []
+    original_run, original_score = InvertingGradients.run, trial_module.score
+    scored: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def counted(self, obs, capabilities=None):
         separate_runs.append(obs.client)
-        return original(self, obs, capabilities)
+        return original_run(self, obs, capabilities)
+
+    def recorded(rec, truth, **kwargs):
+        scored.append((rec.images, truth.images, truth.labels))
+        return original_score(rec, truth, **kwargs)
 
     monkeypatch.setattr(InvertingGradients, "run", counted)
-    records, runs = {}, {}
+    monkeypatch.setattr(trial_module, "score", recorded)
+    records, runs, pairs = {}, {}, {}
     for mode in ("off", "on"):
         separate_runs.clear()
+        scored.clear()
         cfg = load_study(tiny_study({"attacks": [{**attack, "batch_victims": mode}]}))
         records[mode] = run_trial(cfg, "none", {}).attacks
-        runs[mode] = len(separate_runs)
+        runs[mode], pairs[mode] = len(separate_runs), list(scored)
     assert runs == {"off": 4, "on": 0}  # 2 rounds x 2 victims; "on": one batched loop
     assert len(records["on"]) == len(records["off"]) == 8  # batch 2 per victim
     for a, b in zip(records["off"], records["on"], strict=True):
@@ -136,5 +151,10 @@ def test_batched_victims_give_the_same_trial_as_separate_runs(tiny_study, monkey
             b["client"],
             b["image_index"],
         )
-        assert a["psnr"] == pytest.approx(b["psnr"], abs=0.01)
         assert a["label_correct"] == b["label_correct"]
+    assert len(pairs["off"]) == len(pairs["on"]) == 4
+    for (rec_a, truth_a, labels_a), (rec_b, truth_b, labels_b) in zip(
+        pairs["off"], pairs["on"], strict=True
+    ):
+        assert torch.equal(truth_a, truth_b) and torch.equal(labels_a, labels_b)
+        assert all(psnr(x, y) >= 40.0 for x, y in zip(rec_a, rec_b, strict=True))
