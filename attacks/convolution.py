@@ -38,13 +38,19 @@ Calls the custom functions cannot serve exactly keep PyTorch's own path (see
 An earlier, dropped variant wrote the first backward's input gradient as a transposed
 convolution: the same values up to rounding, and that rounding moved reconstructions (see
 ``docs/performance.md``). This one does not round differently anywhere.
+
+On CUDA the mode has not yet been run against PyTorch's own path, so by default
+(:func:`exact_convolutions` ``"auto"``, the attacks' ``exact_convolutions`` parameter) it is
+used on CPUs only; ``"on"`` opts in on CUDA, where ``benchmarks/gpu_check.py`` checks it.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
-from typing import Any
+import logging
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -53,6 +59,11 @@ from torch.overrides import TorchFunctionMode
 
 _Pair = tuple[int, int]
 _ZERO_PAD: list[int] = [0, 0]
+
+ExactConvolutions = Literal["auto", "on", "off"]
+_POLICY: ContextVar[ExactConvolutions] = ContextVar("exact_convolutions", default="auto")
+_warned_devices: set[str] = set()
+log = logging.getLogger(__name__)
 
 
 def _pair(value: int | tuple[int, ...] | list[int]) -> _Pair:
@@ -321,11 +332,55 @@ class ExactInversionConvolutions(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+@contextlib.contextmanager
+def exact_convolutions(mode: ExactConvolutions) -> Iterator[None]:
+    """Inversions run inside use the exact convolution mode per ``mode``.
+
+    Args:
+        mode: ``"auto"`` (the default outside any such context): on CPUs only, the mode not
+            being verified on CUDA yet; ``"on"``: on every device (an opt-in on CUDA);
+            ``"off"``: PyTorch's own double backward everywhere.
+
+    Raises:
+        ValueError: ``mode`` is none of the three.
+
+    Example:
+        >>> with exact_convolutions("off"):
+        ...     pass  # dummy gradients computed here use PyTorch's own path
+    """
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"exact_convolutions must be 'auto', 'on' or 'off', not {mode!r}")
+    token = _POLICY.set(mode)
+    try:
+        yield
+    finally:
+        _POLICY.reset(token)
+
+
+def uses_exact_convolutions(device: torch.device) -> bool:
+    """Whether inversions on ``device`` use the exact mode under the current policy
+    (:func:`exact_convolutions`); says once per device when CUDA is opted in unverified."""
+    mode = _POLICY.get()
+    if mode == "off" or (mode == "auto" and device.type != "cpu"):
+        return False
+    if device.type != "cpu" and str(device) not in _warned_devices:
+        _warned_devices.add(str(device))
+        log.warning(
+            "exact_convolutions='on' on %s: not yet verified against PyTorch's own path on "
+            "this kind of device (benchmarks/gpu_check.py checks it)",
+            device,
+        )
+    return True
+
+
 def inversion_convolutions(model: nn.Module) -> contextlib.AbstractContextManager[Any]:
-    """:class:`ExactInversionConvolutions` for a model with ``nn.Conv2d`` layers, otherwise a
-    no-op context: the mode intercepts every torch call made under it, which costs an MLP
-    about 5 % of an attack iteration for nothing. (A model that calls ``F.conv2d`` without an
-    ``nn.Conv2d`` module simply keeps PyTorch's own double backward.)"""
-    if any(isinstance(m, nn.Conv2d) for m in model.modules()):
+    """:class:`ExactInversionConvolutions` for a model with ``nn.Conv2d`` layers where the
+    policy allows it (:func:`uses_exact_convolutions`), otherwise a no-op context: the mode
+    intercepts every torch call made under it, which costs an MLP about 5 % of an attack
+    iteration for nothing. (A model that calls ``F.conv2d`` without an ``nn.Conv2d`` module
+    simply keeps PyTorch's own double backward.)"""
+    first = next(model.parameters(), None)
+    device = first.device if first is not None else torch.device("cpu")
+    if any(isinstance(m, nn.Conv2d) for m in model.modules()) and uses_exact_convolutions(device):
         return ExactInversionConvolutions()
     return contextlib.nullcontext()

@@ -100,7 +100,8 @@ class AttackSection(BaseModel):
         "off",
         description="Reconstruct this attack's victims in one batched optimisation (Inverting "
         "Gradients on FedSGD): 'on', 'off', or 'auto' (on a GPU only; slower on CPUs). Equal "
-        "to separate runs up to float rounding, which signed Adam can amplify on long runs.",
+        "to separate runs up to float rounding, which signed Adam can amplify on long runs. "
+        "Not yet verified on CUDA (benchmarks/gpu_check.py checks it): an opt-in there.",
     )
 
     @field_validator("name")

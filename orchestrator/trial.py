@@ -9,6 +9,7 @@ paths of the image grids it wrote (only as ``tracking.log_images`` allows).
 from __future__ import annotations
 
 import functools
+import logging
 import resource
 import time
 from collections.abc import Callable
@@ -33,6 +34,8 @@ from orchestrator.metrics import (
     custom_objectives,
     worst_case,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -82,8 +85,18 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 def _batch_victims(mode: str, device: torch.device) -> bool:
     """Whether an attack's victims go into one batched optimisation: ``on``, ``off``, or
-    ``auto`` = on a GPU (on a CPU the batched loop measured slower than separate runs)."""
-    return mode == "on" or (mode == "auto" and device.type == "cuda")
+    ``auto`` = on a GPU (on a CPU the batched loop measured slower than separate runs). Both
+    are opt-ins (the default is ``off``); on CUDA the batched path is not yet verified against
+    separate runs, which a warning says."""
+    batched = mode == "on" or (mode == "auto" and device.type == "cuda")
+    if batched and device.type == "cuda":
+        log.warning(
+            "batch_victims=%s on %s: not yet verified against separate runs on a GPU "
+            "(benchmarks/gpu_check.py checks it); 'off' runs the victims one by one",
+            mode,
+            device,
+        )
+    return batched
 
 
 def run_trial(

@@ -69,7 +69,8 @@ class FederationConfig(BaseModel):
         "stacked weights; steps whose batches differ in size run in groups). Exact up to float "
         "rounding; used only where possible (hooks that change nothing but the outgoing update, "
         "no dropout), otherwise clients run one after another. 'auto': on for CUDA devices. "
-        "Slower on CPUs (grouped convolutions), meant for GPUs.",
+        "Slower on CPUs (grouped convolutions), meant for GPUs; not yet verified on CUDA "
+        "(benchmarks/gpu_check.py checks it): an opt-in there.",
     )
 
     tune_allocator: bool = Field(

@@ -203,6 +203,13 @@ class Simulator:
         if obstacle is not None:
             log.warning("vectorize_clients=%s: clients run one after another, %s", mode, obstacle)
             return False
+        if self.device.type == "cuda":
+            log.warning(
+                "vectorize_clients=%s on %s: not yet verified against clients run one by one "
+                "on a GPU (benchmarks/gpu_check.py checks it); 'off' runs them one by one",
+                mode,
+                self.device,
+            )
         return True
 
     def _worker_count(self) -> int:

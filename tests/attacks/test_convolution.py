@@ -13,13 +13,17 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from attacks import AttackConfigError, get_attack
 from attacks.convolution import (
     Conv2dForInversion,
     ExactInversionConvolutions,
+    exact_convolutions,
     inversion_convolutions,
+    uses_exact_convolutions,
 )
 from attacks.objectives import cosine_distance, dummy_gradients, l2_distance
 from fl import models
+from fl.simulation import observe_client_step
 
 Distance = Callable[[list[torch.Tensor], list[torch.Tensor]], torch.Tensor]
 
@@ -222,6 +226,44 @@ def test_only_models_with_convolutions_enter_the_mode() -> None:
     mlp = models.build("mlp", channels=1, classes=2, image_size=16, hidden=[8])
     assert isinstance(inversion_convolutions(convnet), ExactInversionConvolutions)
     assert not isinstance(inversion_convolutions(mlp), ExactInversionConvolutions)
+
+
+def test_the_mode_is_off_on_cuda_unless_opted_in(caplog: pytest.LogCaptureFixture) -> None:
+    """Not yet run against PyTorch's own path on a GPU, the mode is used on CPUs only by
+    default; ``"on"`` opts in on CUDA (with one warning), ``"off"`` keeps PyTorch's path
+    everywhere. (The device is only inspected: no GPU is needed.)"""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda:0")
+    assert uses_exact_convolutions(cpu) and not uses_exact_convolutions(cuda)
+    with exact_convolutions("off"):
+        assert not uses_exact_convolutions(cpu) and not uses_exact_convolutions(cuda)
+    with caplog.at_level("WARNING", logger="attacks.convolution"), exact_convolutions("on"):
+        assert uses_exact_convolutions(cpu) and uses_exact_convolutions(cuda)
+        assert uses_exact_convolutions(cuda)
+    assert caplog.text.count("not yet verified") == 1
+    off_cpu = models.build("convnet", channels=1, classes=2, image_size=16, width=4).to("meta")
+    assert not isinstance(inversion_convolutions(off_cpu), ExactInversionConvolutions)
+    with exact_convolutions("on"):
+        assert isinstance(inversion_convolutions(off_cpu), ExactInversionConvolutions)
+    with pytest.raises(ValueError, match="'auto', 'on' or 'off'"), exact_convolutions("yes"):  # type: ignore[arg-type]
+        pass
+
+
+def test_attacks_choose_the_mode_by_their_parameter() -> None:
+    """``exact_convolutions`` of an attack: 'off' runs PyTorch's own double backward (its
+    seven weight products per evaluation), the default skips them, with the same images."""
+    torch.manual_seed(0)
+    model = models.build("convnet", channels=3, classes=3, image_size=16, width=8)
+    obs, _ = observe_client_step(model, torch.rand(1, 3, 16, 16), torch.tensor([1]))
+    images, counts = {}, {}
+    for mode in ("auto", "off"):
+        attack = get_attack("inverting_gradients", iterations=2, exact_convolutions=mode)
+        with _WholeImageKernels() as counter:
+            images[mode] = attack.run(obs).images
+        counts[mode] = counter.count
+    assert counts["auto"] == 0 and counts["off"] >= 7
+    assert torch.equal(images["auto"], images["off"])
+    with pytest.raises(AttackConfigError, match="exact_convolutions"):
+        get_attack("idlg", exact_convolutions="maybe")
 
 
 @pytest.mark.parametrize("how", ["backward", "grad_of_image_and_weights"])

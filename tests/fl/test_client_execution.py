@@ -165,3 +165,19 @@ def test_vectorised_clients_fall_back_where_not_exact(
     model = models.build("convnet", channels=1, classes=2, image_size=28, width=4)
     sim = Simulator(model, train, _config(vectorize_clients="auto"), device="cpu")
     assert not sim.vectorized
+
+
+def test_vectorised_clients_on_cuda_are_an_opt_in_with_a_warning(
+    pneumonia_train, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Not yet run on a GPU: the default stays off on CUDA, and 'auto'/'on' there say that
+    the path is unverified (the device is only inspected: no GPU is needed)."""
+    model = models.build("convnet", channels=1, classes=2, image_size=28, width=4)
+    train = pneumonia_train.subset(range(40))
+    for mode, expected in (("off", False), ("auto", True), ("on", True)):
+        sim = Simulator(model, train, _config(vectorize_clients=mode), device="cpu")
+        sim.device = torch.device("cuda:0")
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            assert sim._use_vectorized() is expected
+        assert ("not yet verified" in caplog.text) is expected
