@@ -9,7 +9,8 @@ Registered attacks: ``dlg``, ``idlg``, ``inverting_gradients`` (gradient message
 FedAvg weights with a known learning rate and step count), ``dlm`` and ``dlm_plus`` (weights).
 """
 
-from attacks import gradient as _gradient  # noqa: F401  (registers dlg, idlg, inverting_gradients)
+from attacks import gradient as _gradient  # noqa: F401  (registers dlg, idlg)
+from attacks import inverting_gradients as _inverting  # noqa: F401  (registers inverting_gradients)
 from attacks import weights as _weights  # noqa: F401  (registers dlm, dlm_plus)
 from attacks.base import (
     Attack,

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, TypeVar
+from typing import ClassVar, Generic, TypeVar, cast
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -57,24 +58,75 @@ class Attempt:
     extras: dict[str, float] = field(default_factory=dict)
 
 
-class Attack(ABC):
-    """Base class of every reconstruction attack.
+P = TypeVar("P", bound=AttackParams)
+
+
+@contextlib.contextmanager
+def local_rng(device: torch.device) -> Iterator[None]:
+    """Torch's global RNG (and ``device``'s, on CUDA) restored after the block: attacks seed it
+    for their restarts without changing the caller's random state."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
+def restart_generator(device: torch.device, seed: int, restart: int) -> torch.Generator:
+    """Seed torch's global RNG for restart ``restart`` of an attack with ``seed`` and return
+    that restart's own generator, both from ``seed * 1000 + restart`` (call inside
+    :func:`local_rng`): what every attack draws its dummy data and labels from."""
+    value = seed * 1000 + restart
+    torch.manual_seed(value)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(value)
+    return generator
+
+
+def build_reconstruction(
+    name: str, obs: Observation, best: Attempt, seconds: float, restart_losses: list[float]
+) -> Reconstruction:
+    """The :class:`Reconstruction` of a chosen attempt: images denormalised to [0, 1] and
+    clamped, images and labels on the CPU."""
+    images = denormalize(best.inputs.detach(), obs.mean, obs.std).clamp(0, 1).cpu()
+    return Reconstruction(
+        images=images,
+        labels=None if best.labels is None else best.labels.detach().cpu(),
+        attack=name,
+        loss=best.loss,
+        iterations=best.iterations,
+        seconds=seconds,
+        diverged=best.diverged,
+        restart_losses=restart_losses,
+        label_source=best.label_source,
+        extras=best.extras,
+    )
+
+
+def _rank(attempt: Attempt) -> tuple[int, float]:
+    """Restart order: finite and not diverged first, then by the attack's own loss."""
+    finite = math.isfinite(attempt.loss)
+    return (int(attempt.diverged or not finite), attempt.loss if finite else math.inf)
+
+
+class Attack(ABC, Generic[P]):
+    """Base class of every reconstruction attack, generic in its parameters model ``P``.
 
     Subclasses declare ``name``, ``Params`` (a pydantic model of their documented defaults) and
     ``requirements`` (what they need from an observation), and implement :meth:`attempt` (one
-    restart). :meth:`run` restricts the observation to the attacker's capabilities, checks the
+    restart). :meth:`run` restricts the observation to the attacker's capabilities (none
+    granted: the least-privileged attacker, :class:`AttackerCapabilities`), checks the
     requirements, runs the restarts under a local RNG seeded from ``seed``, keeps the restart
     with the lowest attack loss (never looking at the ground truth), and returns images in
-    [0, 1] on the CPU.
+    [0, 1] on the CPU. :meth:`run_many` attacks several observations.
     """
 
     name: ClassVar[str] = ""
     Params: ClassVar[type[AttackParams]] = AttackParams
     requirements: ClassVar[Requirements] = Requirements()
+    params: P
 
     def __init__(self, **params: object) -> None:
         try:
-            self.params = self.Params(**params)
+            self.params = cast(P, self.Params(**params))
         except ValidationError as err:
             problems = "; ".join(
                 f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()
@@ -92,46 +144,60 @@ class Attack(ABC):
     def attempt(self, obs: Observation, generator: torch.Generator, restart: int) -> Attempt:
         """Run one restart and return its reconstruction in the model's input space."""
 
+    def restricted(
+        self, obs: Observation, capabilities: AttackerCapabilities | None
+    ) -> Observation:
+        """``obs`` as this attacker sees it (``None``: nothing granted), requirements checked.
+
+        Raises:
+            ThreatModelError: the restricted observation lacks a fact the attack requires.
+        """
+        seen = (capabilities or AttackerCapabilities()).restrict(obs)
+        self.requirements_for(seen).check(seen, self.name)
+        return seen
+
     def run(
         self, obs: Observation, capabilities: AttackerCapabilities | None = None
     ) -> Reconstruction:
-        """Reconstruct the private batch of ``obs``; see the class docstring."""
-        if capabilities is not None:
-            obs = capabilities.restrict(obs)
-        self.requirements_for(obs).check(obs, self.name)
-        device = obs.device
+        """Reconstruct the private batch of ``obs``; see the class docstring.
+
+        Args:
+            obs: what the server observed of one client step.
+            capabilities: what the attacker is granted; None grants nothing beyond the defaults
+                of :class:`AttackerCapabilities` (labels and BatchNorm statistics withheld).
+
+        Raises:
+            ThreatModelError: the observation, so restricted, lacks what the attack requires.
+
+        Example:
+            >>> rec = get_attack("idlg", iterations=300).run(obs)  # doctest: +SKIP
+        """
+        obs = self.restricted(obs, capabilities)
         t0 = time.perf_counter()
-        attempts: list[Attempt] = []
-        devices = [device] if device.type == "cuda" else []
-        with (
-            torch.random.fork_rng(devices=devices),
-            exact_convolutions(self.params.exact_convolutions),
-        ):
-            for restart in range(self.params.restarts):
-                torch.manual_seed(self.params.seed * 1000 + restart)
-                gen = torch.Generator(device=device)
-                gen.manual_seed(self.params.seed * 1000 + restart)
-                attempts.append(self.attempt(obs, gen, restart))
-        seconds = time.perf_counter() - t0
+        with local_rng(obs.device), exact_convolutions(self.params.exact_convolutions):
+            attempts = [
+                self.attempt(obs, restart_generator(obs.device, self.params.seed, r), r)
+                for r in range(self.params.restarts)
+            ]
+        best = min(attempts, key=_rank)
+        losses = [a.loss for a in attempts]
+        return build_reconstruction(self.name, obs, best, time.perf_counter() - t0, losses)
 
-        def rank(a: Attempt) -> tuple[int, float]:
-            finite = math.isfinite(a.loss)
-            return (int(a.diverged or not finite), a.loss if finite else math.inf)
+    def run_many(
+        self,
+        observations: Sequence[Observation],
+        capabilities: AttackerCapabilities | None = None,
+        *,
+        batched: bool = False,
+    ) -> list[Reconstruction]:
+        """Reconstruct every observation's batch, as ``[self.run(o, capabilities) for o in
+        observations]``; attacks with a batched path (Inverting Gradients) take it where
+        ``batched`` and possible, with the same results up to float rounding.
 
-        best = min(attempts, key=rank)
-        images = denormalize(best.inputs.detach(), obs.mean, obs.std).clamp(0, 1).cpu()
-        return Reconstruction(
-            images=images,
-            labels=None if best.labels is None else best.labels.detach().cpu(),
-            attack=self.name,
-            loss=best.loss,
-            iterations=best.iterations,
-            seconds=seconds,
-            diverged=best.diverged,
-            restart_losses=[a.loss for a in attempts],
-            label_source=best.label_source,
-            extras=best.extras,
-        )
+        Raises:
+            ThreatModelError: an observation lacks what the attack requires.
+        """
+        return [self.run(o, capabilities) for o in observations]
 
 
 _REGISTRY: dict[str, type[Attack]] = {}

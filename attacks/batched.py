@@ -18,17 +18,18 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from attacks.base import Attack
-from attacks.gradient import InvertingGradients, InvertingGradientsParams, _layer_weights
+from attacks.base import Attempt, build_reconstruction, local_rng, restart_generator
 from attacks.label_modes import LabelPlan, plan_labels
 from attacks.objectives import (
     cosine_distance,
+    layer_weights,
     soft_cross_entropy,
     total_variation,
     weighted_sq_norm,
@@ -36,70 +37,20 @@ from attacks.objectives import (
 from attacks.optim import run_signed_adam_batched
 from attacks.reconstruction import Reconstruction
 from attacks.setup import InversionSetup
-from attacks.threat import AttackerCapabilities
 from fl.models.base import SplitModel
-from fl.simulation.normalization import denormalize
 from fl.simulation.observation import Observation
 
-__all__ = ["batching_obstacle", "run_inverting_gradients_batched"]
+if TYPE_CHECKING:
+    from attacks.inverting_gradients import InvertingGradientsParams
+
+__all__ = ["run_batched", "victims_obstacle"]
 
 
-def run_inverting_gradients_batched(
-    attack: InvertingGradients,
-    observations: Sequence[Observation],
-    capabilities: AttackerCapabilities | None = None,
-) -> list[Reconstruction]:
-    """Reconstruct every victim in ``observations`` as ``[attack.run(o, capabilities) for o in
-    observations]`` would, but in one batched optimisation when possible.
-
-    Batched case: FedSGD gradient observations (``kind == "gradient"``) of the same
-    architecture (weights may differ per victim: they are stacked and vmapped over), the same
-    batch and image shape and the same matched parameters, on one device, with
-    ``restarts == 1``, fixed labels (granted or inferred, not ``labels="soft"``) and a
-    deterministic model without an extra training loss (no dropout, no PRECODE bottleneck).
-    Each victim gets its own generator seeded like the single restart of ``attack.run``, so its
-    initial dummy images and labels are those of a separate run; BatchNorm uses each victim's
-    own batch statistics as in training mode, without touching the running statistics.
-
-    Anything else (one victim, FedAvg weights, several restarts, soft labels, mixed
-    architectures, ...) falls back to separate ``attack.run`` calls; :func:`batching_obstacle`
-    says why.
-
-    Differences from separate runs: results agree up to float rounding (the batched kernels sum
-    in another order); ``seconds`` of each reconstruction is its share (1/V) of the batched
-    wall time; the observation models' BatchNorm running statistics are left unchanged (a
-    separate run's forward passes update them, which never affects its training-mode result).
-    """
-    restricted = [capabilities.restrict(o) if capabilities is not None else o for o in observations]
-    for obs in restricted:
-        attack.requirements_for(obs).check(obs, attack.name)
-    if batching_obstacle(attack, restricted) is not None:
-        return [attack.run(o, capabilities) for o in observations]
-    p = attack.params
-    assert isinstance(p, InvertingGradientsParams)
-    setups = [
-        InversionSetup.from_observation(o, ignore=p.ignore_layers, include=p.layers)
-        for o in restricted
-    ]
-    if any(s.names != setups[0].names for s in setups):
-        return [attack.run(o, capabilities) for o in observations]
-    return _run_batched(attack, p, restricted, setups)
-
-
-def batching_obstacle(attack: Attack, observations: Sequence[Observation]) -> str | None:
-    """Why these (already restricted) victims cannot be reconstructed in one batched
-    optimisation by :func:`run_inverting_gradients_batched`, or None when they can."""
-    p = attack.params
-    if type(attack).attempt is not InvertingGradients.attempt or not isinstance(
-        p, InvertingGradientsParams
-    ):
-        return "not Inverting Gradients (or its attempt is overridden)"
-    if len(observations) < 2:
-        return "fewer than two victims"
-    if p.restarts != 1:
-        return "more than one restart"
-    if p.labels == "soft":
-        return "optimised soft labels"
+def victims_obstacle(observations: Sequence[Observation]) -> str | None:
+    """Why these victims cannot share one batched optimisation, or None: they must be FedSGD
+    gradient observations of one architecture (weights may differ per victim: they are stacked
+    and vmapped over), batch and image shape and message parameters, on one device, of a
+    deterministic model without an extra training loss (no dropout, no PRECODE bottleneck)."""
     first = observations[0]
     for obs in observations:
         if obs.kind != "gradient":
@@ -112,7 +63,7 @@ def batching_obstacle(attack: Attack, observations: Sequence[Observation]) -> st
             return "different architectures"
         if set(obs.message) != set(first.message):
             return "different message parameters"
-        if _has_randomness_or_extra_loss(obs.model):
+        if _has_randomness_or_auxiliary_loss(obs.model):
             return "stochastic model or extra training loss"
     return None
 
@@ -127,14 +78,14 @@ def _same_architecture(a: nn.Module, b: nn.Module) -> bool:
     return type(a) is type(b) and str(a) == str(b) and layout(a) == layout(b)
 
 
-def _has_randomness_or_extra_loss(model: nn.Module) -> bool:
+def _has_randomness_or_auxiliary_loss(model: nn.Module) -> bool:
     """Dropout, a non-identity bottleneck (e.g. PRECODE: sampling and a KL term read after the
-    forward) or any other ``extra_loss``: not expressible as a pure function for ``vmap``."""
+    forward) or any other ``auxiliary_loss``: not expressible as a pure function for ``vmap``."""
     if any(isinstance(m, nn.modules.dropout._DropoutNd) for m in model.modules()):
         return True
     if isinstance(model, SplitModel):
         return not isinstance(model.bottleneck, nn.Identity)
-    return callable(getattr(model, "extra_loss", None))
+    return callable(getattr(model, "auxiliary_loss", None))
 
 
 class _BatchStatsNorm(nn.Module):
@@ -197,34 +148,67 @@ def _stacked(
     return tensors, dims
 
 
-def _run_batched(
-    attack: InvertingGradients,
+def run_batched(
+    name: str,
     p: InvertingGradientsParams,
     observations: list[Observation],
     setups: list[InversionSetup],
 ) -> list[Reconstruction]:
-    """The batched optimisation of :func:`run_inverting_gradients_batched` (checks done)."""
+    """Inverting Gradients over all victims in one optimisation (the checks of
+    :func:`victims_obstacle` passed). Each victim starts from the dummy images and labels of
+    restart 0 of a separate run; BatchNorm uses each victim's own batch statistics as in
+    training mode, without touching the running statistics; ``seconds`` of each
+    reconstruction is its share (1/V) of the wall time."""
     device = observations[0].device
-    count = len(observations)
     t0 = time.perf_counter()
-    seed = p.seed * 1000  # attack.run's seed of restart 0
-    xs: list[torch.Tensor] = []
-    plans: list[LabelPlan] = []
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    with local_rng(device):
+        starts = []
         for obs, setup in zip(observations, setups, strict=True):
-            torch.manual_seed(seed)
-            gen = torch.Generator(device=device)
-            gen.manual_seed(seed)
-            xs.append(setup.dummy(gen, p.init).detach())
-            plans.append(plan_labels(p.labels, "infer", obs, setup, gen))
-    x = torch.stack(xs).requires_grad_(True)
-    labels = torch.stack([plan.targets() for plan in plans])
-    names = setups[0].names
-    targets = [torch.stack([s.target[i] for s in setups]) for i in range(len(names))]
-    weights = _layer_weights(p.layer_weights, len(names), device)
-    target_sq_norms = torch.stack([weighted_sq_norm(s.target, weights) for s in setups])
+            gen = restart_generator(device, p.seed, 0)
+            starts.append(
+                (setup.dummy(gen, p.init).detach(), plan_labels(p.labels, "infer", obs, setup, gen))
+            )
+    x = torch.stack([dummy for dummy, _ in starts]).requires_grad_(True)
+    plans = [plan for _, plan in starts]
+    objective = _batched_objective(p, observations, setups, x, plans)
+    lower = torch.stack([s.lower for s in setups]) if p.boxed else None
+    upper = torch.stack([s.upper for s in setups]) if p.boxed else None
+    losses, steps, diverged = run_signed_adam_batched(
+        x,
+        objective,
+        iterations=p.iterations,
+        lr=p.lr,
+        lower=lower,
+        upper=upper,
+        decay=p.decay,
+        signed=p.signed,
+    )
+    share = (time.perf_counter() - t0) / len(observations)
+    return [
+        build_reconstruction(
+            name,
+            obs,
+            Attempt(x[v], plan.final_labels(), losses[v], steps[v], diverged[v], plan.source),
+            share,
+            [losses[v]],
+        )
+        for v, (obs, plan) in enumerate(zip(observations, plans, strict=True))
+    ]
 
+
+def _batched_objective(
+    p: InvertingGradientsParams,
+    observations: list[Observation],
+    setups: list[InversionSetup],
+    x: torch.Tensor,
+    plans: list[LabelPlan],
+) -> Callable[[], torch.Tensor]:
+    """The (V,) per-victim losses of eq. 4 at the stacked dummy images ``x``, as a closure."""
+    names = setups[0].names
+    labels = torch.stack([plan.targets() for plan in plans])
+    targets = [torch.stack([s.target[i] for s in setups]) for i in range(len(names))]
+    weights = layer_weights(p.layer_weights, len(names), x.device)
+    target_sq_norms = torch.stack([weighted_sq_norm(s.target, weights) for s in setups])
     # The architecture, with BatchNorm written out (see _BatchStatsNorm); the victims' tensors
     # are swapped in by functional_call.
     template = _with_batch_stats_norm(copy.deepcopy(observations[0].model)).train()
@@ -259,38 +243,4 @@ def _run_batched(
         return loss
 
     losses_of = vmap(victim_loss, in_dims=(0, matched_dims, param_dims, buffer_dims, 0, 0, 0))
-
-    def objective() -> torch.Tensor:
-        """The (V,) per-victim losses at the current stacked dummy images."""
-        return losses_of(x, matched, params, buffers, targets, target_sq_norms, labels)
-
-    lower = torch.stack([s.lower for s in setups]) if p.boxed else None
-    upper = torch.stack([s.upper for s in setups]) if p.boxed else None
-    losses, steps, diverged = run_signed_adam_batched(
-        x,
-        objective,
-        iterations=p.iterations,
-        lr=p.lr,
-        lower=lower,
-        upper=upper,
-        decay=p.decay,
-        signed=p.signed,
-    )
-    share = (time.perf_counter() - t0) / count
-    results = []
-    for v, (obs, plan) in enumerate(zip(observations, plans, strict=True)):
-        images = denormalize(x[v].detach(), obs.mean, obs.std).clamp(0, 1).cpu()
-        results.append(
-            Reconstruction(
-                images=images,
-                labels=plan.final_labels().detach().cpu(),
-                attack=attack.name,
-                loss=losses[v],
-                iterations=steps[v],
-                seconds=share,
-                diverged=diverged[v],
-                restart_losses=[losses[v]],
-                label_source=plan.source,
-            )
-        )
-    return results
+    return lambda: losses_of(x, matched, params, buffers, targets, target_sq_norms, labels)

@@ -1,4 +1,5 @@
-"""Gradient-inversion attacks on FedSGD messages: DLG, iDLG and Inverting Gradients."""
+"""Gradient-inversion attacks on FedSGD messages: DLG and iDLG, and the unrolled FedAvg update
+that gradient matching on weights messages differentiates through."""
 
 from __future__ import annotations
 
@@ -11,15 +12,8 @@ from torch.func import functional_call
 from attacks.base import Attack, AttackParams, Attempt, register_attack
 from attacks.convolution import inversion_convolutions
 from attacks.label_modes import LabelMode, plan_labels
-from attacks.objectives import (
-    cosine_distance,
-    dummy_gradients,
-    l2_distance,
-    soft_cross_entropy,
-    total_variation,
-    weighted_sq_norm,
-)
-from attacks.optim import run_lbfgs, run_signed_adam
+from attacks.objectives import dummy_gradients, l2_distance, soft_cross_entropy
+from attacks.optim import run_lbfgs
 from attacks.setup import InversionSetup
 from attacks.threat import Requirements
 from fl.simulation.observation import Observation
@@ -42,7 +36,7 @@ class DLGParams(AttackParams):
 
 
 @register_attack("dlg")
-class DLG(Attack):
+class DLG(Attack[DLGParams]):
     """Deep Leakage from Gradients (Zhu, Liu, Han, NeurIPS 2019).
 
     Dummy data x' ~ N(0, 1) and dummy logits y' ~ N(0, 1) are optimised jointly with L-BFGS to
@@ -56,7 +50,6 @@ class DLG(Attack):
 
     def attempt(self, obs: Observation, generator: torch.Generator, restart: int) -> Attempt:
         p = self.params
-        assert isinstance(p, DLGParams)
         setup = InversionSetup.from_observation(obs, ignore=p.ignore_layers)
         x = setup.dummy(generator, p.init)
         plan = plan_labels(p.labels, self.default_labels, obs, setup, generator)
@@ -98,102 +91,6 @@ class IDLG(DLG):
     default_labels = "infer"
 
 
-class InvertingGradientsParams(AttackParams):
-    """Defaults of inversefed's reconstruction config: 4,800 iterations, Adam lr 0.1 on signed
-    gradients with step decay, TV 0.1, boxed images, N(0, 1) initialisation, one restart."""
-
-    iterations: int = Field(4800, ge=1)
-    lr: float = Field(0.1, gt=0)
-    tv: float = Field(0.1, ge=0, description="Weight of the total-variation prior.")
-    signed: bool = True
-    decay: bool = True
-    boxed: bool = True
-    labels: LabelMode = "auto"
-    init: Literal["randn", "rand", "grey"] = "randn"
-    layer_weights: Literal["equal", "linear", "exp"] = "equal"
-    layers: list[str] | None = Field(None, description="Only match these name prefixes.")
-    ignore_layers: list[str] = Field(
-        default_factory=list,
-        description="Parameter-name prefixes left out of the matching (defense-aware attack).",
-    )
-
-
-def _layer_weights(kind: str, n: int, device: torch.device) -> list[float] | None:
-    """inversefed's per-tensor weights: equal, linearly decreasing, or softmax-decaying."""
-    if kind == "equal":
-        return None
-    if kind == "linear":
-        w = torch.arange(n, 0, -1, dtype=torch.float32) / n
-    else:
-        w = torch.softmax(torch.arange(n, 0, -1, dtype=torch.float32), dim=0)
-        w = w / w[0]
-    return [float(v) for v in w.to(device)]
-
-
-@register_attack("inverting_gradients")
-class InvertingGradients(Attack):
-    """Inverting Gradients (Geiping, Bauermeister, Dröge, Moeller, NeurIPS 2020).
-
-    Minimises ``1 - cos(g(x'), g) + tv * TV(x')`` with ONE cosine over all matched parameters
-    (eq. 4), using Adam on the sign of the gradient, step decay by 0.1 at 3/8, 5/8 and 7/8 of
-    the iterations, the image boxed to the valid range after every step, and restarts chosen by
-    the attack's own final loss. Labels are granted or inferred (iDLG rule for one image, a count
-    rule for several).
-
-    FedAvg variant: for a weights message with known learning rate and local steps, the client's
-    local SGD is unrolled differentiably (mini-batches of the known batch size, in order) and the
-    simulated update ``W_t - W_K`` is matched to the observed one with the same cosine loss.
-    """
-
-    Params = InvertingGradientsParams
-    requirements = Requirements(kinds=("gradient", "weights"))
-
-    def requirements_for(self, obs: Observation) -> Requirements:
-        if obs.kind == "weights":
-            return Requirements(kinds=("weights",), lr=True, local_steps=True)
-        return Requirements(kinds=("gradient",))
-
-    def attempt(self, obs: Observation, generator: torch.Generator, restart: int) -> Attempt:
-        p = self.params
-        assert isinstance(p, InvertingGradientsParams)
-        setup = InversionSetup.from_observation(obs, ignore=p.ignore_layers, include=p.layers)
-        x = setup.dummy(generator, p.init)
-        plan = plan_labels(p.labels, "infer", obs, setup, generator)
-        weights = _layer_weights(p.layer_weights, len(setup.target), x.device)
-        if obs.kind == "gradient":
-
-            def matched() -> list[torch.Tensor]:
-                return list(dummy_gradients(setup.model, setup.params, x, plan.targets()))
-        else:
-            assert obs.lr is not None and obs.local_steps is not None
-            lr, steps = obs.lr, obs.local_steps
-            batch = obs.batch_size or setup.shape[0]
-
-            def matched() -> list[torch.Tensor]:
-                return unrolled_update(setup, x, plan.targets(), lr, steps, batch)
-
-        target_sq_norm = weighted_sq_norm(setup.target, weights)
-
-        def objective() -> torch.Tensor:
-            loss = cosine_distance(matched(), setup.target, weights, target_sq_norm=target_sq_norm)
-            if p.tv > 0:
-                loss = loss + p.tv * total_variation(x)
-            return loss
-
-        loss, steps_run, diverged = run_signed_adam(
-            x,
-            objective,
-            iterations=p.iterations,
-            lr=p.lr,
-            lower=setup.lower if p.boxed else None,
-            upper=setup.upper if p.boxed else None,
-            decay=p.decay,
-            signed=p.signed,
-            extra=plan.variables,
-        )
-        return Attempt(x.detach(), plan.final_labels(), loss, steps_run, diverged, plan.source)
-
-
 def unrolled_update(
     setup: InversionSetup,
     x: torch.Tensor,
@@ -214,7 +111,7 @@ def unrolled_update(
         with inversion_convolutions(setup.model):  # bit-identical, leaner double backward
             logits = functional_call(setup.model, current, (x[idx],))
         loss = soft_cross_entropy(logits, targets[idx])
-        extra = getattr(setup.model, "extra_loss", None)
+        extra = getattr(setup.model, "auxiliary_loss", None)
         if callable(extra):
             term = extra()
             if term is not None:

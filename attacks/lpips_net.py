@@ -259,14 +259,24 @@ def _build_cached(device: str, backbone: str) -> torch.nn.Module:
     return model.to(torch.device(device))
 
 
-def get_lpips(device: str | torch.device = "cpu") -> torch.nn.Module:
+def get_lpips(
+    device: str | torch.device = "cpu", backbone: str | os.PathLike[str] | None = None
+) -> torch.nn.Module:
     """Return the process-wide ``lpips.LPIPS`` (alex, v0.1, real weights) on ``device``.
 
-    The network is built once per device and backbone file (``functools`` cache) and is frozen
-    in eval mode. Raises :class:`LpipsUnavailable` with the reason and the remedy
+    ``backbone`` is the AlexNet backbone file to use; None resolves it as :func:`configure`
+    says. The network is built once per device and backbone file (``functools`` cache) and is
+    frozen in eval mode. Raises :class:`LpipsUnavailable` with the reason and the remedy
     (``OBSCURA_LPIPS_BACKBONE`` / :func:`configure`) when real weights cannot be loaded.
     """
-    path, _origin = _resolve_backbone()
+    if backbone is None:
+        path, _origin = _resolve_backbone()
+    else:
+        path = Path(backbone).expanduser()
+        if not path.is_file():
+            raise LpipsUnavailable(
+                f"LPIPS AlexNet backbone file {path} does not exist (the study's lpips_backbone)"
+            )
     return _build_cached(str(torch.device(device)), str(path.resolve()))
 
 
@@ -340,7 +350,11 @@ def _normalised_features(model: torch.nn.Module, x: torch.Tensor) -> list[torch.
 
 
 def lpips_matrix(
-    a: torch.Tensor, b: torch.Tensor, *, device: str | torch.device = "cpu"
+    a: torch.Tensor,
+    b: torch.Tensor,
+    *,
+    device: str | torch.device = "cpu",
+    backbone: str | os.PathLike[str] | None = None,
 ) -> torch.Tensor:
     """Return the LPIPS distance matrix D (CPU, float64) with D[i, j] = LPIPS(a[i], b[j]).
 
@@ -349,7 +363,7 @@ def lpips_matrix(
     so the diagonal equals :func:`lpips_distance` up to float32 rounding.
     """
     _check_pair(a, b)
-    model = get_lpips(device)
+    model = get_lpips(device, backbone)
     dev = torch.device(device)
     out = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float64)
     with torch.no_grad():

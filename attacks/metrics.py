@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -256,12 +257,14 @@ def score_images(
     success_psnr: float = DEFAULT_SUCCESS_PSNR,
     lpips: bool = True,
     device: str | torch.device = "cpu",
+    lpips_backbone: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Score a batch of reconstructions against ground truth with the Obscura protocol.
 
     ``rec_images`` and ``true_images`` are (B, C, H, W) in [0, 1]; labels are (B,) integer
     tensors or None. ``lpips=False`` skips LPIPS (then the assignment uses MSE); ``device`` is
-    where the LPIPS network runs. Returns a dict with
+    where the LPIPS network runs, ``lpips_backbone`` its AlexNet backbone file (None: as
+    :func:`attacks.lpips_net.configure` resolves it). Returns a dict with
 
     * ``n_images``, ``assignment_cost`` (``"lpips"``/``"mse"``), ``assignment`` (list[int],
       assignment[i] = reconstruction matched to true image i);
@@ -290,7 +293,7 @@ def score_images(
         lpips_status = "disabled (lpips=False)"
     else:
         try:
-            lpips_dist = lpips_matrix(truth, rec, device=device).numpy()
+            lpips_dist = lpips_matrix(truth, rec, device=device, backbone=lpips_backbone).numpy()
             lpips_status = "ok"
         except LpipsUnavailable as exc:
             lpips_status = f"unavailable: {exc}"
@@ -363,6 +366,7 @@ def score(
     success_psnr: float = DEFAULT_SUCCESS_PSNR,
     lpips: bool = True,
     device: str | torch.device = "cpu",
+    lpips_backbone: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Score an attack's reconstruction against the client's batch (see :func:`score_images`).
 
@@ -380,4 +384,5 @@ def score(
         success_psnr=success_psnr,
         lpips=lpips,
         device=device,
+        lpips_backbone=lpips_backbone,
     )

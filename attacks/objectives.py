@@ -31,6 +31,18 @@ def select_parameters(
     return names
 
 
+def layer_weights(kind: str, n: int, device: torch.device) -> list[float] | None:
+    """inversefed's per-tensor weights: equal, linearly decreasing, or softmax-decaying."""
+    if kind == "equal":
+        return None
+    if kind == "linear":
+        w = torch.arange(n, 0, -1, dtype=torch.float32) / n
+    else:
+        w = torch.softmax(torch.arange(n, 0, -1, dtype=torch.float32), dim=0)
+        w = w / w[0]
+    return [float(v) for v in w.to(device)]
+
+
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Cross-entropy with hard labels (B,) or soft targets (B, K): mean_b sum_c -t_c log p_c
     (DLG's loss for dummy soft labels)."""
@@ -43,7 +55,7 @@ def training_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor)
     """The client's training objective on dummy data: cross-entropy plus the model's own extra
     term when it has one (e.g. PRECODE's KL), since the attacker knows the training code."""
     loss = soft_cross_entropy(model(inputs), targets)
-    extra = getattr(model, "extra_loss", None)
+    extra = getattr(model, "auxiliary_loss", None)
     if callable(extra):
         term = extra()
         if term is not None:

@@ -8,13 +8,9 @@ to grant it -- never a crash deep inside an optimisation.
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import BaseModel, ConfigDict
 
-from fl.simulation.observation import Observation
-
-MessageKind = Literal["gradient", "weights"]
+from fl.simulation.observation import ALGORITHM_OF, MessageKind, Observation
 
 
 class ThreatModelError(ValueError):
@@ -70,7 +66,7 @@ class Requirements(BaseModel):
             raise ThreatModelError(
                 f"attack {attack!r} works on {' or '.join(self.kinds)} messages, but the "
                 f"observation holds a {obs.kind!r} message (algorithm "
-                f"{'fedsgd' if obs.kind == 'gradient' else 'fedavg'}); choose an attack for "
+                f"{ALGORITHM_OF[obs.kind]}); choose an attack for "
                 f"{obs.kind} messages"
             )
         missing = []

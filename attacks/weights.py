@@ -39,7 +39,7 @@ def _optimise(p: DLMParams, variables: list[torch.Tensor], objective) -> tuple[f
 
 
 @register_attack("dlm")
-class DLM(Attack):
+class DLM(Attack[DLMParams]):
     """Deep Leakage from Model: the server sees W_t and W_{t+1} only, the client's learning rate
     is unknown. A learnable scalar k (about 1/lr) lets the dummy gradient match the update:
     minimise sum_l ||grad_{W_l} l(F(x'), softmax(y')) - k * dW_l||^2 over x', y', k.
@@ -50,7 +50,6 @@ class DLM(Attack):
 
     def attempt(self, obs: Observation, generator: torch.Generator, restart: int) -> Attempt:
         p = self.params
-        assert isinstance(p, DLMParams)
         setup = InversionSetup.from_observation(obs, ignore=p.ignore_layers)
         x = setup.dummy(generator, p.init)
         plan = plan_labels(p.labels, "soft", obs, setup, generator)
@@ -77,7 +76,7 @@ class DLMPlusParams(DLMParams):
 
 
 @register_attack("dlm_plus")
-class DLMPlus(Attack):
+class DLMPlus(Attack[DLMPlusParams]):
     """DLM+: scale-free matching of the normalised dummy gradient to the normalised update,
     ``sum_l ||g'_l / n(g') - dW_l / n(dW)||^2`` with n the mean per-tensor L2 norm, so neither the
     learning rate nor the number of local steps needs to be known. Labels granted, soft
@@ -88,7 +87,6 @@ class DLMPlus(Attack):
 
     def attempt(self, obs: Observation, generator: torch.Generator, restart: int) -> Attempt:
         p = self.params
-        assert isinstance(p, DLMPlusParams)
         setup = InversionSetup.from_observation(obs, ignore=p.ignore_layers)
         x = setup.dummy(generator, p.init)
         plan = plan_labels(p.labels, "soft", obs, setup, generator)

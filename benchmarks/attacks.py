@@ -217,7 +217,7 @@ def compare_reference(
         psnr["textbook"].append(score(rec, truth, device=str(device))["psnr_max"])
         attack = get_attack("inverting_gradients", iterations=iterations, tv=tv, seed=0)
         t0 = time.perf_counter()
-        ours = attack.run(obs)
+        ours = attack.run(obs, AttackerCapabilities(knows_labels=True))
         times["ours"].append(time.perf_counter() - t0)
         psnr["ours"].append(score(ours, truth, device=str(device))["psnr_max"])
     print("| loop | seconds (median) | it/s | PSNR dB |")

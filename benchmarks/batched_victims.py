@@ -1,12 +1,13 @@
 """Inverting Gradients on V victims: V separate ``attack.run`` calls vs one batched optimisation.
 
 A trial reconstructs several captured client steps. This times them one after another
-(``attack.run`` per observation) against :func:`attacks.batched.run_inverting_gradients_batched`
-(one ``torch.func`` optimisation over all victims, Geiping et al. 2020 eq. 4 per victim), on the
-same observations: the Inverting-Gradients ConvNet (untrained, BatchNorm), real 32 px images,
-FedSGD, labels known, same seed. It prints both wall times and victim-iterations per second,
-the speed ratio, and the largest |PSNR difference| between a victim's two reconstructions
-(which should be ~0: the batched run reproduces the separate ones up to float rounding).
+(``attack.run`` per observation) against ``attack.run_many(observations, batched=True)``
+(:mod:`attacks.batched`: one ``torch.func`` optimisation over all victims, Geiping et al. 2020
+eq. 4 per victim), on the same observations: the Inverting-Gradients ConvNet (untrained,
+BatchNorm), real 32 px images, FedSGD, labels known, same seed. It prints both wall times and
+victim-iterations per second, the speed ratio, and the largest |PSNR difference| between a
+victim's two reconstructions (which should be ~0: the batched run reproduces the separate ones
+up to float rounding).
 
     python benchmarks/batched_victims.py [--victims 4] [--width 64] [--size 32] [--batch 1]
                                          [--iterations 200] [--device auto] [--distinct-weights]
@@ -26,13 +27,15 @@ from collections.abc import Callable
 import _isolate  # noqa: F401  (first: keeps the attacks package importable)
 import torch
 
-from attacks import Reconstruction, get_attack
-from attacks.batched import batching_obstacle, run_inverting_gradients_batched
+from attacks import AttackerCapabilities, Reconstruction, get_attack
+from attacks.inverting_gradients import batching_obstacle
 from attacks.metrics import score
 from attacks.samples import sample_images
 from fl import models
 from fl.simulation import observe_client_step, resolve_device
 from fl.simulation.observation import GroundTruth, Observation
+
+GRANTED = AttackerCapabilities(knows_labels=True)  # the benchmark's labels are known
 
 
 def victims(
@@ -98,11 +101,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     warm = get_attack("inverting_gradients", iterations=2, seed=0)
     for o in observations:
-        warm.run(o)
-    run_inverting_gradients_batched(warm, observations)
+        warm.run(o, GRANTED)
+    warm.run_many(observations, GRANTED, batched=True)
 
-    separate, t_sep = timed(lambda: [attack.run(o) for o in observations], device)
-    batched, t_bat = timed(lambda: run_inverting_gradients_batched(attack, observations), device)
+    separate, t_sep = timed(lambda: [attack.run(o, GRANTED) for o in observations], device)
+    batched, t_bat = timed(lambda: attack.run_many(observations, GRANTED, batched=True), device)
     work = args.victims * args.iterations
     psnr_diff = max(
         abs(score(s, t, lpips=False)["psnr_mean"] - score(b, t, lpips=False)["psnr_mean"])

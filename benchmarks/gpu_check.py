@@ -45,7 +45,10 @@ from typing import Any
 import _isolate  # noqa: F401  (first: keeps the attacks package importable)
 import torch
 
+from attacks import AttackerCapabilities
+
 ROOT = Path(__file__).resolve().parents[1]
+LABELS_KNOWN = AttackerCapabilities(knows_labels=True)  # the checks' observations reveal them
 
 
 @dataclass
@@ -219,7 +222,7 @@ def check_exact_convolutions(device: torch.device, args: argparse.Namespace) -> 
     with deterministic_cudnn():
         runs = {
             m: get_attack("inverting_gradients", iterations=short, tv=1e-4, exact_convolutions=m)
-            .run(obs)
+            .run(obs, LABELS_KNOWN)
             .images
             for m in ("on", "off")
         }
@@ -248,7 +251,9 @@ def check_exact_convolutions(device: torch.device, args: argparse.Namespace) -> 
             attack = get_attack(
                 "inverting_gradients", iterations=args.iterations, tv=1e-4, exact_convolutions=mode
             )
-            seconds[f"exact {mode}"].append(timed(lambda a=attack: a.run(obs), device)[1])
+            seconds[f"exact {mode}"].append(
+                timed(lambda a=attack: a.run(obs, LABELS_KNOWN), device)[1]
+            )
     speed = {k: args.iterations / statistics.median(v) for k, v in seconds.items()}
     figures: dict[str, float | str] = {f"IG it/s ({k})": round(v, 2) for k, v in speed.items()}
     figures["IG vs textbook (exact on)"] = round(speed["exact on"] / speed["textbook"], 3)
@@ -263,7 +268,8 @@ def check_exact_convolutions(device: torch.device, args: argparse.Namespace) -> 
 def check_batched_victims(device: torch.device, args: argparse.Namespace) -> Check:
     """Check 2: batched victims equal separate runs in float64; float32 speed at 4 and 16."""
     from attacks import get_attack
-    from attacks.batched import run_inverting_gradients_batched
+
+    granted = LABELS_KNOWN
 
     width, size = (8, 16) if args.quick else (64, 32)
     counts = (2, 3) if args.quick else (4, 16)
@@ -276,8 +282,8 @@ def check_batched_victims(device: torch.device, args: argparse.Namespace) -> Che
                 for v in range(count)
             ]
             attack = get_attack("inverting_gradients", iterations=30, tv=1e-4)
-            separate = [attack.run(o).images for o in victims]
-            batched = [r.images for r in run_inverting_gradients_batched(attack, victims)]
+            separate = [attack.run(o, granted).images for o in victims]
+            batched = [r.images for r in attack.run_many(victims, granted, batched=True)]
         diff = max_difference(separate, batched)
         passed &= diff <= 1e-9
         details.append(f"{count} victims: float64 max |difference| {diff:.1e}")
@@ -286,13 +292,13 @@ def check_batched_victims(device: torch.device, args: argparse.Namespace) -> Che
             for v in range(count)
         ]
         attack = get_attack("inverting_gradients", iterations=args.iterations, tv=1e-4)
-        run_inverting_gradients_batched(get_attack("inverting_gradients", iterations=2), victims)
+        get_attack("inverting_gradients", iterations=2).run_many(victims, granted, batched=True)
 
         def separate_runs(attack: Any = attack, victims: list[Any] = victims) -> list[Any]:
-            return [attack.run(o) for o in victims]
+            return [attack.run(o, granted) for o in victims]
 
         def batched_run(attack: Any = attack, victims: list[Any] = victims) -> list[Any]:
-            return run_inverting_gradients_batched(attack, victims)
+            return attack.run_many(victims, granted, batched=True)
 
         t_sep = statistics.median(timed(separate_runs, device)[1] for _ in range(args.repeats))
         t_bat = statistics.median(timed(batched_run, device)[1] for _ in range(args.repeats))

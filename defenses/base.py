@@ -10,7 +10,7 @@ build an Optuna search space without knowing the defense.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, ClassVar, Generic, Literal, TypeVar, cast
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
@@ -68,8 +68,12 @@ class DefenseParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class Defense(ClientHooks):
-    """Base class of every defense: validated ``params``, a declared ``search_space``.
+D = TypeVar("D", bound=DefenseParams)
+
+
+class Defense(ClientHooks, Generic[D]):
+    """Base class of every defense, generic in its hyperparameters model ``D``: validated
+    ``params``, a declared ``search_space``.
 
     Subclasses set ``Params`` (defaults from the paper or its code) and ``search_space`` (the
     tunable hyperparameters and their ranges; every key must be a field of ``Params``) and
@@ -81,10 +85,11 @@ class Defense(ClientHooks):
     Params: ClassVar[type[DefenseParams]] = DefenseParams
     search_space: ClassVar[dict[str, ParamSpec]] = {}
     concurrent_clients: ClassVar[bool] = False
+    params: D
 
     def __init__(self, **params: Any) -> None:
         try:
-            self.params = self.Params(**params)
+            self.params = cast(D, self.Params(**params))
         except ValidationError as err:
             problems = "; ".join(
                 f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()
@@ -151,7 +156,7 @@ def unregister_defense(name: str) -> None:
 
 
 @register_defense("none")
-class NoDefense(Defense):
+class NoDefense(Defense[DefenseParams]):
     """The control: no defense at all. Every hook is a no-op, so the attacks see exactly what an
     undefended client sends; every study should include it to show that the attacks work."""
 

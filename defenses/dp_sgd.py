@@ -50,7 +50,7 @@ def check_dp_compatible(model: nn.Module) -> None:
 
     BatchNorm mixes the examples of a batch, so a per-example gradient (and hence per-example
     clipping, Abadi et al. 2016 Alg. 1) is undefined. A model auxiliary loss (e.g. PRECODE's KL
-    term via ``extra_loss()`` on a submodule) is a batch-level term whose per-example split is
+    term via ``auxiliary_loss()`` on a submodule) is a batch-level term whose per-example split is
     undefined too, so it is not supported with DP-SGD.
     """
     has_bn = getattr(model, "has_batchnorm", None)
@@ -68,10 +68,10 @@ def check_dp_compatible(model: nn.Module) -> None:
     for name, module in model.named_modules():
         if module is model:
             continue
-        if callable(getattr(module, "extra_loss", None)):
+        if callable(getattr(module, "auxiliary_loss", None)):
             raise ValueError(
                 f"dp_sgd does not support models with an auxiliary loss (module {name!r} defines "
-                "extra_loss(), e.g. a PRECODE bottleneck): a batch-level extra loss has no "
+                "auxiliary_loss(), e.g. a PRECODE bottleneck): a batch-level extra loss has no "
                 "per-example gradient to clip; remove the bottleneck or use another defense"
             )
 
@@ -130,7 +130,7 @@ def clip_and_noise(
 
 
 @register_defense("dp_sgd")
-class DPSGD(Defense):
+class DPSGD(Defense[DPSGDParams]):
     """DP-SGD (Abadi et al., CCS 2016, Alg. 1) as a client-side gradient replacement.
 
     Every local step's gradient is replaced by the clipped, noised mean of per-example gradients
@@ -143,9 +143,9 @@ class DPSGD(Defense):
     implementations, the RDP bound of the sampled Gaussian mechanism with ``q = B / n`` is an
     approximation for that sampling scheme.
 
-    Restrictions (checked in :meth:`prepare_model`): no BatchNorm (use ``norm="group"``), no model
-    auxiliary loss (``extra_loss()``, e.g. PRECODE). The defense's own ``extra_loss`` hook is not
-    used: the loss is plain cross-entropy.
+    Restrictions (checked in :meth:`prepare_model`): no BatchNorm (use ``norm="group"``), no
+    model auxiliary loss (``auxiliary_loss()``, e.g. PRECODE). The defense's own ``extra_loss``
+    hook is not used: the loss is plain cross-entropy.
     """
 
     Params = DPSGDParams

@@ -53,7 +53,7 @@ class GradientNoiseParams(DefenseParams):
 
 
 @register_defense("gradient_noise")
-class GradientNoise(Defense):
+class GradientNoise(Defense[GradientNoiseParams]):
     """Gaussian or Laplacian noise on every tensor of the outgoing update (DLG, Zhu et al.,
     NeurIPS 2019, sec. 5; the Soteria notebook's Laplace baseline uses b = 0.1).
 
@@ -78,7 +78,6 @@ class GradientNoise(Defense):
     ) -> dict[str, torch.Tensor]:
         """Add the noise to every tensor of ``update`` (tensors in the update's order)."""
         p = self.params
-        assert isinstance(p, GradientNoiseParams)
         return {
             name: value + draw_noise(value, p.scale, p.distribution, ctx.generator)
             for name, value in update.items()

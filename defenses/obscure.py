@@ -145,7 +145,7 @@ def _generator_seed(client: int, draw: int) -> int:
 
 
 @register_defense("obscure")
-class Obscure(Defense):
+class Obscure(Defense[ObscureParams]):
     """Learning to obscure data (Wan et al., arXiv 2206.00769): train on generated images.
 
     The paper has no public code; this is Obscura's own implementation of the design its

@@ -3,7 +3,7 @@
 Reference code: dAI-SY-Group/PRECODE ``src/VariationalBottleneck.py`` (itself after
 1Konny/VIB-pytorch). The bottleneck replaces the identity between a :class:`fl.models.SplitModel`'s
 features and its classifier; its KL term (in bits) is added to the training loss through
-:meth:`fl.models.SplitModel.extra_loss`, which the client's training loss already picks up.
+:meth:`fl.models.SplitModel.auxiliary_loss`, which the client's training loss already picks up.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ class VariationalBottleneck(nn.Module):
     that need reproducibility seed torch's global RNG, as they do to build the model.
 
     The KL divergence of the last forward pass to the prior N(0, I), in bits (the reference's
-    ``loss()``), is kept so that :meth:`extra_loss` can return ``beta`` times it::
+    ``loss()``), is kept so that :meth:`auxiliary_loss` can return ``beta`` times it::
 
         KL = mean_b sum_k -1/2 (1 + 2 log sigma_bk - mu_bk^2 - sigma_bk^2) / ln 2
 
@@ -56,7 +56,7 @@ class VariationalBottleneck(nn.Module):
     def __init__(self, feature_dim: int, bottleneck: int = 256, beta: float = 1e-3) -> None:
         """Build the encoder ``Linear(feature_dim, 2 * bottleneck)`` and the decoder
         ``Linear(bottleneck, feature_dim)`` (PyTorch's default initialisation, from torch's
-        global RNG); ``beta`` weights the KL term returned by :meth:`extra_loss`."""
+        global RNG); ``beta`` weights the KL term returned by :meth:`auxiliary_loss`."""
         super().__init__()
         if feature_dim < 1 or bottleneck < 1:
             raise ValueError(
@@ -100,13 +100,13 @@ class VariationalBottleneck(nn.Module):
         """The KL (bits) of the last forward pass, or None before the first one."""
         return self._kl
 
-    def extra_loss(self) -> torch.Tensor:
+    def auxiliary_loss(self) -> torch.Tensor:
         """``beta * KL`` of the last forward pass: PRECODE's regulariser (the term the reference
         adds to the cross-entropy, ``ce(model(x), y) + model.loss()``). Raises if no forward
         pass has run since construction or copy."""
         if self._kl is None:
             raise RuntimeError(
-                "VariationalBottleneck.extra_loss() called before any forward pass; "
+                "VariationalBottleneck.auxiliary_loss() called before any forward pass; "
                 "run the model on a batch first"
             )
         return self.beta * self._kl
@@ -130,13 +130,13 @@ class PrecodeParams(DefenseParams):
 
 
 @register_defense("precode")
-class Precode(Defense):
+class Precode(Defense[PrecodeParams]):
     """PRECODE -- PRivacy EnhanCing mODulE (Scheliga, Mäder, Seeland, WACV 2022).
 
     :meth:`prepare_model` inserts a :class:`VariationalBottleneck` (K = ``bottleneck``, weight
     ``beta``) between the model's features and its classifier, i.e. right before the output
     layer as in the reference's ``VBMLP``; the client then trains on ``CE + beta * KL`` (the
-    reference's training loss) through ``model.extra_loss()``. The server's model has the same
+    reference's training loss) through ``model.auxiliary_loss()``. The server's model has the same
     bottleneck (it is part of the architecture), so a gradient attack sees it too, and the
     attacker also knows the KL term.
 
@@ -177,7 +177,6 @@ class Precode(Defense):
                 "PRECODE inserts its own and will not replace another"
             )
         p = self.params
-        assert isinstance(p, PrecodeParams)
         vb = VariationalBottleneck(feature_dim, p.bottleneck, p.beta)
         probe = next(model.parameters(), None)
         if probe is not None:

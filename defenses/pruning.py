@@ -52,7 +52,7 @@ class PruneParams(DefenseParams):
 
 
 @register_defense("prune")
-class Prune(Defense):
+class Prune(Defense[PruneParams]):
     """Per-tensor magnitude pruning of the update (DLG, Zhu et al., NeurIPS 2019, sec. 5; DLM,
     Zhao et al., CPAL 2024).
 
@@ -79,5 +79,4 @@ class Prune(Defense):
     ) -> dict[str, torch.Tensor]:
         """Prune every tensor of ``update`` by its own magnitude percentile."""
         p = self.params
-        assert isinstance(p, PruneParams)
         return {name: prune_tensor(value, p.percent) for name, value in update.items()}

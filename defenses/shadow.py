@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from attacks import get_attack
+from attacks import AttackerCapabilities, get_attack
 from attacks.metrics import match
 from defenses.base import Defense, DefenseParams, ParamSpec, register_defense
 from fl.simulation import ClientContext, normalize, observe_client_step
@@ -93,7 +93,7 @@ class InvertingGradientsShadow:
         attack = get_attack(
             "inverting_gradients", iterations=self.iterations, tv=self.tv, seed=seed
         )
-        rec = attack.run(obs).images
+        rec = attack.run(obs, AttackerCapabilities(knows_labels=True)).images
         truth = images.detach().cpu()
         order = match(rec, truth, cost="mse")
         return rec[order].to(device=images.device, dtype=images.dtype)
@@ -256,7 +256,7 @@ def saliency_mask(scores: torch.Tensor, share: float) -> torch.Tensor:
 
 
 @register_defense("shadow")
-class ShadowDefense(Defense):
+class ShadowDefense(Defense[ShadowParams]):
     """Shadow defense (Jiang, Ma, Yang 2025, arXiv 2506.15711): shadow-targeted image noise.
 
     For every private batch, in :meth:`transform_batch` (images x in [0, 1]):
@@ -316,7 +316,6 @@ class ShadowDefense(Defense):
         """Validate ``params``; ``shadow_model`` replaces the shadow named by ``shadow``."""
         super().__init__(**params)
         p = self.params
-        assert isinstance(p, ShadowParams)
         self.shadow_model: ShadowModel = shadow_model or SHADOW_MODELS[p.shadow](p)
         self._maps: dict[tuple[int, int], torch.Tensor] = {}
 
@@ -338,7 +337,6 @@ class ShadowDefense(Defense):
         """Compute the noise for one batch (steps 1-4 of the class docstring) and advance the
         momentum state; :meth:`transform_batch` adds ``.noise`` to the images."""
         p = self.params
-        assert isinstance(p, ShadowParams)
         if images.dim() != 4:
             raise ValueError(f"images must have shape (B, C, H, W); got {tuple(images.shape)}")
         x = images.detach()
@@ -374,7 +372,6 @@ class ShadowDefense(Defense):
                 f"ctx.batch_indices has {len(positions)} entries for a batch of {fresh.shape[0]}"
             )
         p = self.params
-        assert isinstance(p, ShadowParams)
         m = p.momentum
         out = []
         for row, pos in zip(fresh, positions, strict=True):

@@ -87,7 +87,7 @@ class SoteriaParams(DefenseParams):
 
 
 @register_defense("soteria")
-class Soteria(Defense):
+class Soteria(Defense[SoteriaParams]):
     """Soteria (Sun et al., CVPR 2021): zero the last layer's gradient for the representation
     units that reveal the input most.
 
@@ -99,7 +99,7 @@ class Soteria(Defense):
        approximation its README states for the paper's ``||r (dr/dX)^-1||``);
     2. take the ``percent`` % of units with the lowest scores (:func:`lowest_units`) -- the
        reference's ``mask = where(score < percentile(score, p), 0, 1)``;
-    3. compute the ordinary gradient of ``CE + model.extra_loss() + self.extra_loss(...)`` from
+    3. compute the ordinary gradient of ``CE + model.auxiliary_loss() + self.extra_loss(...)`` from
        the same forward pass, and zero the columns ``f`` of the classifier weight's gradient
        (``dL/dW[:, f] = sum_b dL/dz_b * r_bf``: the column through which the representation
        leaks, the paper's key observation).
@@ -133,7 +133,6 @@ class Soteria(Defense):
         the classifier weight's gradient set to zero; the pruned unit indices are left in
         ``ctx.extras["soteria_pruned"]``."""
         p = self.params
-        assert isinstance(p, SoteriaParams)
         forward_features = getattr(model, "forward_features", None)
         last_layer = getattr(model, "last_layer", None)
         if not callable(forward_features) or not callable(last_layer):

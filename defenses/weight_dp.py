@@ -44,7 +44,7 @@ class WeightDPParams(DefenseParams):
 
 
 @register_defense("weight_dp")
-class WeightDP(Defense):
+class WeightDP(Defense[WeightDPParams]):
     """Clip each row of the update to L2 norm ``clip``, then add noise (DLM, Zhao, Luo, Ding,
     CPAL 2024; Zihao-Kevin/DLM ``dlm_defense.py``).
 
@@ -78,7 +78,6 @@ class WeightDP(Defense):
     ) -> dict[str, torch.Tensor]:
         """Clip the rows of every tensor of ``update``, then add the noise."""
         p = self.params
-        assert isinstance(p, WeightDPParams)
         out: dict[str, torch.Tensor] = {}
         for name, value in update.items():
             clipped = clip_rows(value, p.clip)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
@@ -14,16 +13,11 @@ from ray import tune
 from defenses import defense_class
 from orchestrator.config import StudyConfig
 from orchestrator.search import trial_params
+from orchestrator.values import finite_or_none
 
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
-
-
-def _none_if_nan(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
 
 
 class StudyCallback(tune.Callback):
@@ -101,7 +95,7 @@ class StudyCallback(tune.Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         result = trial.last_result or {}
         row = self._base_row(trial, "completed")
-        metrics = {m: _none_if_nan(result.get(m)) for m in self.config.metric_names()}
+        metrics = {m: finite_or_none(result.get(m)) for m in self.config.metric_names()}
         rounds = json.loads(result.get("rounds_json", "[]"))
         attacks = json.loads(result.get("attacks_json", "[]"))
         images = [Path(p) for p in json.loads(result.get("images_json", "[]"))]

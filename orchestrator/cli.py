@@ -147,10 +147,11 @@ def cmd_trial(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    """Print the Pareto table and write the plot from a study's Parquet files."""
+    """Write the report (HTML, Markdown, the front's plot) from a study's files."""
     from orchestrator.report import report
 
-    report(Path(args.dir), utility_loss=args.utility_loss)
+    html_path, md_path = report(Path(args.dir), utility_loss=args.utility_loss)
+    print(f"report: {html_path} and {md_path}")
     return 0
 
 

@@ -21,6 +21,7 @@ from defenses import ParamSpec, available_defenses, defense_class
 from fl import data as fl_data
 from fl import models as fl_models
 from fl.simulation import FederationConfig
+from fl.simulation.observation import MESSAGE_KIND
 from orchestrator.metrics import known_metrics, validate_metric
 
 
@@ -260,7 +261,7 @@ class StudyConfig(BaseModel):
     @model_validator(mode="after")
     def _cross_checks(self) -> StudyConfig:
         fed = self.federation
-        kind = "gradient" if fed.algorithm == "fedsgd" else "weights"
+        kind = MESSAGE_KIND[fed.algorithm]
         labels = [a.key for a in self.attacks]
         if len(set(labels)) != len(labels):
             raise ValueError("two attacks share a name; give one of them a distinct `label`")

@@ -17,10 +17,11 @@ Names used in ``objectives``, Parquet columns and MLflow:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
+
+from orchestrator.values import finite_or_none
 
 UTILITY = ("test_accuracy", "test_balanced_accuracy", "test_macro_f1", "test_auroc", "test_loss")
 DERIVED = ("accuracy_drop",)
@@ -110,13 +111,6 @@ def validate_metric(name: str, attacks: Sequence[str]) -> None:
         raise ValueError(f"unknown metric {name!r}; known metrics: {known}")
 
 
-def _clean(value: float | None) -> float | None:
-    if value is None:
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None
-
-
 def attack_summary(
     images: Iterable[dict[str, Any]], success_psnr: float
 ) -> dict[str, float | None]:
@@ -129,12 +123,12 @@ def attack_summary(
     lpips = [r["lpips"] for r in rows if r.get("lpips") is not None]
     labels = [bool(r["label_correct"]) for r in rows if r.get("label_correct") is not None]
     return {
-        "psnr_mean": _clean(sum(psnr) / len(psnr)),
-        "psnr_max": _clean(max(psnr)),
-        "ssim_mean": _clean(sum(ssim) / len(ssim)),
-        "ssim_max": _clean(max(ssim)),
-        "lpips_mean": _clean(sum(lpips) / len(lpips)) if lpips else None,
-        "lpips_min": _clean(min(lpips)) if lpips else None,
+        "psnr_mean": finite_or_none(sum(psnr) / len(psnr)),
+        "psnr_max": finite_or_none(max(psnr)),
+        "ssim_mean": finite_or_none(sum(ssim) / len(ssim)),
+        "ssim_max": finite_or_none(max(ssim)),
+        "lpips_mean": finite_or_none(sum(lpips) / len(lpips)) if lpips else None,
+        "lpips_min": finite_or_none(min(lpips)) if lpips else None,
         "label_accuracy": (sum(labels) / len(labels)) if labels else None,
         "success_rate": sum(p >= success_psnr for p in psnr) / len(psnr),
     }

@@ -23,6 +23,7 @@ from matplotlib.figure import Figure
 
 from orchestrator.pareto import Objective, pareto_mask
 from orchestrator.results import PARAM_PREFIX, atomic_write
+from orchestrator.values import is_missing
 
 __all__ = ["pareto_plot", "pareto_table"]
 
@@ -187,14 +188,9 @@ def pareto_plot(
     return path
 
 
-def _is_null(value: Any) -> bool:
-    """True for None, NaN, ``pd.NA`` and ``NaT`` scalars."""
-    return value is None or (np.ndim(value) == 0 and bool(pd.isna(value)))
-
-
 def _fmt(value: Any) -> str:
     """A cell: 4 significant digits for floats, plain text for everything else, '' for null."""
-    if _is_null(value):
+    if is_missing(value):
         return ""
     if isinstance(value, (bool, np.bool_)):
         return str(bool(value)).lower()
@@ -227,7 +223,7 @@ def pareto_table(
         params = ", ".join(
             f"{c.removeprefix(PARAM_PREFIX)}={_fmt(row[c])}"
             for c in param_cols
-            if not _is_null(row[c])
+            if not is_missing(row[c])
         )
         rows.append(
             [

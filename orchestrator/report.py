@@ -20,7 +20,9 @@ from typing import Any
 import pandas as pd
 
 from orchestrator.config import StudyConfig, StudyFileError, load_study
+from orchestrator.plots import pareto_plot
 from orchestrator.results import atomic_write
+from orchestrator.values import is_missing
 
 
 @dataclass
@@ -32,16 +34,8 @@ class Choice:
     note: str
 
 
-def _missing(v: Any) -> bool:
-    """None, NaN, pandas NA/NaT."""
-    try:
-        return bool(pd.isna(v))
-    except (TypeError, ValueError):  # list-like values are never "missing"
-        return False
-
-
 def _fmt(v: Any, digits: int = 4) -> str:
-    if _missing(v):
+    if is_missing(v):
         return "–"
     if isinstance(v, float):
         return f"{v:.{digits}g}"
@@ -128,15 +122,17 @@ def _params(row: pd.Series) -> str:
     items = [
         f"{k[len('param_') :]}={_fmt(v)}"
         for k, v in row.items()
-        if k.startswith("param_") and not _missing(v)
+        if k.startswith("param_") and not is_missing(v)
     ]
     return ", ".join(items) or "defaults"
 
 
 def report(folder: Path, *, utility_loss: float = 0.01) -> tuple[Path, Path]:
-    """Recompute the front, write ``pareto.png``, ``report.html`` and ``report.md``."""
+    """Write ``report.html``, ``report.md`` and the front's plot ``report_pareto.png`` from a
+    study's files, which it only reads (the front is recomputed in memory)."""
+    from orchestrator.analysis import analyse
     from orchestrator.results import ResultStore
-    from orchestrator.summary import summarise
+    from orchestrator.summary import objectives_of
 
     folder = Path(folder).resolve()
     if not (folder / "trials.parquet").exists():
@@ -145,7 +141,7 @@ def report(folder: Path, *, utility_loss: float = 0.01) -> tuple[Path, Path]:
         raise StudyFileError(f"{folder}: no study.yaml here; pass a study's output folder")
     cfg = load_study(folder / "study.yaml", {"output": str(folder.parent), "study": folder.name})
     store = ResultStore(folder)
-    results = summarise(cfg, store, None)
+    results = analyse(objectives_of(cfg), store.trials())
     df = results.trials
     attacks = store.attacks()
     utility, privacy = _objectives(cfg)
@@ -187,7 +183,9 @@ def report(folder: Path, *, utility_loss: float = 0.01) -> tuple[Path, Path]:
     )
 
     # pareto plot and front
-    plot = folder / "pareto.png"
+    plot = folder / "report_pareto.png"
+    if results.completed:
+        pareto_plot(df, objectives_of(cfg), plot, title=f"{cfg.study}: Pareto front")
     hv = "–" if results.hypervolume is None else f"{results.hypervolume:.4g}"
     plot_html = (
         f'<img alt="Pareto front" src="{_png_data(plot)}">'
@@ -198,7 +196,7 @@ def report(folder: Path, *, utility_loss: float = 0.01) -> tuple[Path, Path]:
         (
             "Pareto front",
             plot_html + f"<p>Hypervolume: {hv}</p>",
-            "![Pareto front](pareto.png)\n\nHypervolume: " + hv,
+            "![Pareto front](report_pareto.png)\n\nHypervolume: " + hv,
         )
     )
     headers = ["trial", "defense", *obj_cols, "epsilon", "hyperparameters"]

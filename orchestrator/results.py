@@ -88,6 +88,7 @@ __all__ = [
     "TRIAL_STATUSES",
     "ResultStore",
     "atomic_write",
+    "attack_record",
     "write_parquet_atomic",
 ]
 
@@ -457,6 +458,33 @@ def _normalise_attack(trial_id: str, row: Mapping[str, Any], index: int) -> dict
     }
 
 
+def attack_record(
+    attack: str,
+    round_index: int,
+    client: int,
+    image: Mapping[str, Any],
+    *,
+    seconds: float,
+    diverged: bool,
+) -> dict[str, Any]:
+    """One ``attacks.parquet`` row without its ``trial_id``, in the columns of
+    :data:`ATTACKS_SCHEMA`, from one scored image (an entry of
+    :func:`attacks.metrics.score`'s ``per_image``)."""
+    values: dict[str, Any] = {
+        "attack": attack,
+        "round": round_index,
+        "client": client,
+        "image_index": int(image["index"]),
+        "psnr": float(image["psnr"]),
+        "ssim": float(image["ssim"]),
+        "lpips": None if image.get("lpips") is None else float(image["lpips"]),
+        "label_correct": image.get("label_correct"),
+        "seconds": seconds,
+        "diverged": bool(diverged),
+    }
+    return {name: values[name] for name in _ATTACK_NAMES[1:]}
+
+
 def _check_unique(rows: Sequence[Mapping[str, Any]], key: Sequence[str], where: str) -> None:
     """Raise ``ValueError`` if two rows share the same values of the ``key`` columns."""
     seen: set[tuple[Any, ...]] = set()
@@ -623,6 +651,24 @@ class ResultStore:
             if unknown:
                 raise KeyError(f"set_pareto: unknown trial ids {sorted(unknown)}")
             trials = {tid: {**row, "pareto": tid in trial_ids} for tid, row in self._trials.items()}
+            self._write_trials(trials)
+
+    def set_derived(self, accuracy_drop: Mapping[str, float], pareto: set[str]) -> None:
+        """In one write: ``accuracy_drop`` of the trials named (others keep theirs) and the
+        Pareto flags (exactly ``pareto`` True, all others False).
+
+        Raises ``KeyError`` naming any id that is not a known trial.
+        """
+        with self._lock:
+            unknown = (set(accuracy_drop) | set(pareto)) - set(self._trials)
+            if unknown:
+                raise KeyError(f"set_derived: unknown trial ids {sorted(unknown)}")
+            trials = {}
+            for tid, row in self._trials.items():
+                changes: dict[str, Any] = {"pareto": tid in pareto}
+                if tid in accuracy_drop:
+                    changes["accuracy_drop"] = float(accuracy_drop[tid])
+                trials[tid] = _normalise_trial({**row, **changes}, row)
             self._write_trials(trials)
 
     def _write_trials(self, trials: dict[str, dict[str, Any]]) -> None:

@@ -22,31 +22,24 @@ import json
 import os
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
-import pandas as pd
 
+from orchestrator.analysis import StudyResults
 from orchestrator.config import StudyConfig, dump_study, load_study
+from orchestrator.reconcile import Reconciled, reconcile
+from orchestrator.results import ResultStore
 from orchestrator.search import (
-    TUNE_TRIAL_ID,
     define_by_run,
     initial_points,
     make_sampler,
     trial_params,
 )
 
-
-@dataclass
-class StudyResults:
-    """What a finished study returns: every trial, the Pareto front and its hypervolume."""
-
-    trials: pd.DataFrame
-    front: pd.DataFrame
-    hypervolume: float | None
-    folder: Path
+if TYPE_CHECKING:
+    from orchestrator.tracking import StudyTracker
 
 
 def _trainable(tune_config: dict[str, Any], study_raw: dict[str, Any], customs: dict) -> None:
@@ -161,23 +154,26 @@ class Study:
         resume: bool = False,
         verbose: int = 1,
     ) -> StudyResults:
-        """Run the study (or, with ``resume``, its missing trials) and return the results."""
-        from ray import tune
+        """Run the study (or, with ``resume``, its missing trials) and return the results.
 
-        from orchestrator.callback import StudyCallback
-        from orchestrator.registry import capture_customs
-        from orchestrator.results import ResultStore
+        Args:
+            trials: overrides ``search.trials`` for this run (the study's config is unchanged).
+            concurrency: overrides ``search.concurrency`` for this run.
+            address: a Ray cluster to join (default: ``RAY_ADDRESS``, else a local Ray).
+            output: overrides ``output`` for this run.
+            resume: continue the study in its output folder.
+            verbose: Ray Tune's verbosity.
+
+        Raises:
+            FileExistsError: the folder already holds a study and ``resume`` is False.
+            StudyFileError: the data, the tracking server or the cluster cannot serve the study.
+            KeyboardInterrupt: Ctrl-C; completed trials are kept for ``--resume``.
+        """
         from orchestrator.summary import summarise
         from orchestrator.tracking import StudyTracker
 
-        cfg = self.config
-        if trials is not None:
-            cfg.search.trials = trials
-        if concurrency is not None:
-            cfg.search.concurrency = concurrency
-        if output is not None:
-            cfg.output = Path(output).expanduser().resolve()
-        self._preflight()
+        cfg = self._effective(trials, concurrency, output)
+        self._preflight(cfg)
         folder = cfg.folder
         if not resume and (folder / "trials.parquet").exists():
             raise FileExistsError(
@@ -187,111 +183,39 @@ class Study:
         # Ray first: an unreachable cluster or a GPU it lacks ends the study before anything
         # is written (no folder, no MLflow run).
         self._start_ray(address)
-        self._check_cluster()
+        self._check_cluster(cfg)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "study.yaml").write_text(dump_study(cfg))
-
         store = ResultStore(folder)
         tracker = StudyTracker(cfg.tracking.mlflow_uri, cfg.study, folder, resume=resume)
         storage = f"sqlite:///{folder / 'optuna.db'}"
-        done, points = self._reconcile(store, tracker, storage, resume)
-        remaining = cfg.search.trials - done
+        state = (
+            reconcile(cfg, store, tracker, storage, initial_points(cfg))
+            if resume
+            else Reconciled(done=0, points=initial_points(cfg))
+        )
         if not resume or tracker_is_new(tracker):
             tracker.log_study(_flat_params(cfg), dump_study(cfg))
-        if remaining > 0:
-            searcher = _searcher(cfg, storage, points)
-            trainable = tune.with_resources(
-                tune.with_parameters(
-                    _trainable, study_raw=cfg.model_dump(mode="json"), customs=capture_customs()
-                ),
-                {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu},
-            )
-            callback = StudyCallback(cfg, store, tracker, first_number=done, searcher=searcher)
-            tuner = tune.Tuner(
-                trainable,
-                tune_config=tune.TuneConfig(
-                    search_alg=searcher,
-                    num_samples=remaining,
-                    max_concurrent_trials=cfg.search.concurrency,
-                    # A worker process runs trial after trial: no new process, imports and
-                    # dataset load per trial (seconds each); trials share no other state.
-                    reuse_actors=True,
-                ),
-                run_config=tune.RunConfig(
-                    name=f"{cfg.study}-{done}",
-                    storage_path=str(folder / "ray"),
-                    callbacks=[callback],
-                    failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures),
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                    verbose=verbose,
-                ),
-            )
-            try:
-                # Ctrl-C raises KeyboardInterrupt here instead of Ray Tune's own handler, which
-                # would return as if the study were done and suggest Tuner.restore (not ours).
-                # Round checkpoints make Tune snapshot often; its warning about that is noise.
-                with _environ(
-                    TUNE_DISABLE_SIGINT_HANDLER="1",
-                    TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S="0",
-                ):
-                    tuner.fit()
-            except KeyboardInterrupt:
-                tracker.interrupt()
-                print(
-                    f"\nStudy interrupted. Completed trials are saved in {folder}.\n"
-                    f"Resume with: python -m orchestrator study <study file> --resume"
-                    + (f" --output {cfg.output}" if output else ""),
-                    file=sys.stderr,
-                )
-                raise
+        if cfg.search.trials > state.done:
+            tuner = _tuner(cfg, store, tracker, storage, state, verbose)
+            _fit(tuner, tracker, folder, cfg.output if output else None)
         return summarise(cfg, store, tracker)
 
-    def _reconcile(
-        self, store: Any, tracker: Any, storage: str, resume: bool
-    ) -> tuple[int, list[dict]]:
-        """On resume: drop interrupted trials everywhere (Parquet, MLflow, Optuna); count what is
-        done; the first points still to evaluate. Parquet is the record: a trial it does not hold
-        as completed runs again, even if the killed driver had already closed its MLflow run."""
-        cfg = self.config
-        points = initial_points(cfg)
-        if not resume:
-            return 0, points
-        df = store.trials()
-        interrupted = [] if df.empty else list(df.loc[df["status"] == "running", "trial_id"])
-        store.remove_trials(interrupted)
-        tracker.remove_trials(interrupted)
-        try:
-            ot_study = optuna.load_study(study_name=cfg.study, storage=storage)
-        except KeyError:
-            ot_study = None
-        waiting: set[str] = set()
-        recorded = (
-            {}
-            if df.empty
-            else {str(r["trial_id"]): r for _, r in df[df["status"] == "completed"].iterrows()}
-        )
-        if ot_study is not None:
-            for t in ot_study.get_trials(deepcopy=False):
-                if t.state == optuna.trial.TrialState.RUNNING:
-                    row = recorded.get(str(t.user_attrs.get(TUNE_TRIAL_ID)))
-                    values = None if row is None else _objective_values(cfg, row)
-                    if values is None:  # interrupted: it runs again
-                        ot_study.tell(t.number, state=optuna.trial.TrialState.FAIL)
-                    else:  # recorded, then the driver died before Optuna was told
-                        ot_study.tell(t.number, values)
-                elif t.state == optuna.trial.TrialState.WAITING:
-                    fixed = t.system_attrs.get("fixed_params", {})
-                    waiting.add(str(fixed.get("defense")))
-        df = store.trials()
-        done = 0 if df.empty else int((df["status"] == "completed").sum())
-        seen = set()
-        if not df.empty:
-            for _, row in df[df["status"] == "completed"].iterrows():
-                seen.add(str(row["defense"]))
-        points = [p for p in points if p["defense"] not in seen | waiting]
-        return done, points
+    def _effective(
+        self, trials: int | None, concurrency: int | None, output: str | Path | None
+    ) -> StudyConfig:
+        """A copy of the study's config with this run's overrides."""
+        search: dict[str, Any] = {}
+        if trials is not None:
+            search["trials"] = trials
+        if concurrency is not None:
+            search["concurrency"] = concurrency
+        update: dict[str, Any] = {"search": self.config.search.model_copy(update=search)}
+        if output is not None:
+            update["output"] = Path(output).expanduser().resolve()
+        return self.config.model_copy(update=update, deep=True)
 
-    def _preflight(self) -> None:
+    def _preflight(self, cfg: StudyConfig) -> None:
         """Checks before anything is written: an ``http(s)`` tracking server answers, the
         dataset's files load (a missing or corrupt file is one readable error here, not a
         failure in every trial) and there are at least as many training examples as clients."""
@@ -299,28 +223,28 @@ class Study:
         from orchestrator.config import StudyFileError
         from orchestrator.tracking import ensure_reachable
 
-        ensure_reachable(self.config.tracking.mlflow_uri)
-        d = self.config.data
+        ensure_reachable(cfg.tracking.mlflow_uri)
+        d = cfg.data
         train = fl_data.load(
             d.dataset, root=d.root, split="train", download=d.download, image_size=d.image_size
         )
         fl_data.load(
             d.dataset, root=d.root, split="test", download=d.download, image_size=d.image_size
         )
-        clients = self.config.federation.clients
+        clients = cfg.federation.clients
         if clients > len(train):
             raise StudyFileError(
                 f"federation.clients ({clients}) exceeds the {len(train)} training examples of "
                 f"{d.dataset}; use fewer clients"
             )
 
-    def _check_cluster(self) -> None:
+    def _check_cluster(self, cfg: StudyConfig) -> None:
         """A GPU request on a cluster without GPUs would wait forever: reject it."""
         import ray
 
         from orchestrator.config import StudyFileError
 
-        wanted = self.config.resources.gpu
+        wanted = cfg.resources.gpu
         have = float(ray.cluster_resources().get("GPU", 0.0))
         if wanted > 0 and have == 0:
             raise StudyFileError(
@@ -366,17 +290,74 @@ def _environ(**values: str) -> Iterator[None]:
                 os.environ[key] = value
 
 
-def tracker_is_new(tracker: Any) -> bool:
+def tracker_is_new(tracker: StudyTracker) -> bool:
     """Whether the parent run has no parameters yet (a fresh study)."""
     return not tracker.client.get_run(tracker.parent_run_id).data.params
 
 
-def _objective_values(cfg: StudyConfig, row: Any) -> list[float] | None:
-    """The objectives of a recorded trial row, or None when one is missing."""
-    values = [row.get(o.metric) for o in cfg.objectives]
-    if any(v is None or pd.isna(v) for v in values):
-        return None
-    return [float(v) for v in values]
+def _tuner(
+    cfg: StudyConfig,
+    store: ResultStore,
+    tracker: StudyTracker,
+    storage: str,
+    state: Reconciled,
+    verbose: int,
+) -> Any:
+    """The Ray Tune experiment (a ``tune.Tuner``) of the trials still to run."""
+    from ray import tune
+
+    from orchestrator.callback import StudyCallback
+    from orchestrator.registry import capture_customs
+
+    searcher = _searcher(cfg, storage, state.points)
+    trainable = tune.with_resources(
+        tune.with_parameters(
+            _trainable, study_raw=cfg.model_dump(mode="json"), customs=capture_customs()
+        ),
+        {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu},
+    )
+    callback = StudyCallback(cfg, store, tracker, first_number=state.done, searcher=searcher)
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=searcher,
+            num_samples=cfg.search.trials - state.done,
+            max_concurrent_trials=cfg.search.concurrency,
+            # A worker process runs trial after trial: no new process, imports and dataset
+            # load per trial (seconds each); trials share no other state.
+            reuse_actors=True,
+        ),
+        run_config=tune.RunConfig(
+            name=f"{cfg.study}-{state.done}",
+            storage_path=str(cfg.folder / "ray"),
+            callbacks=[callback],
+            failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            verbose=verbose,
+        ),
+    )
+
+
+def _fit(tuner: Any, tracker: StudyTracker, folder: Path, output: Path | None) -> None:
+    """Run the experiment; on Ctrl-C mark the parent run interrupted and say how to resume."""
+    try:
+        # Ctrl-C raises KeyboardInterrupt here instead of Ray Tune's own handler, which would
+        # return as if the study were done and suggest Tuner.restore (not ours). Round
+        # checkpoints make Tune snapshot often; its warning about that is noise.
+        with _environ(
+            TUNE_DISABLE_SIGINT_HANDLER="1",
+            TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S="0",
+        ):
+            tuner.fit()
+    except KeyboardInterrupt:
+        tracker.interrupt()
+        print(
+            f"\nStudy interrupted. Completed trials are saved in {folder}.\n"
+            f"Resume with: python -m orchestrator study <study file> --resume"
+            + (f" --output {output}" if output else ""),
+            file=sys.stderr,
+        )
+        raise
 
 
 def _searcher(cfg: StudyConfig, storage: str, points: list[dict]) -> Any:

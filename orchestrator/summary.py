@@ -1,78 +1,63 @@
-"""The end of a study: accuracy drop against the control, the Pareto front, its hypervolume,
-the printed table, ``pareto.png``, and the parent run's final artifacts."""
+"""The end of a study, published: the derived columns written to ``trials.parquet`` in one write,
+the printed Pareto table, ``pareto.png``, ``pareto.txt`` and the parent run's final artifacts.
+The numbers themselves come from :mod:`orchestrator.analysis`."""
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
 
-import numpy as np
-
+from orchestrator.analysis import Analysis, StudyResults, analyse
 from orchestrator.config import StudyConfig
-from orchestrator.pareto import Objective, hypervolume, pareto_front
+from orchestrator.pareto import Objective
 from orchestrator.plots import pareto_plot, pareto_table
+from orchestrator.results import ResultStore
+from orchestrator.tracking import StudyTracker
 
 
-def front_and_volume(cfg: StudyConfig, df: Any) -> tuple[Any, float | None]:
-    """The completed trials' Pareto front over the study's objectives, and its hypervolume."""
-    objectives = [Objective(o.metric, o.mode) for o in cfg.objectives]
-    if df.empty or not (df["status"] == "completed").any():
-        return df.iloc[0:0], None
-    front = pareto_front(df, objectives)
-    hv = None
-    done = df[df["status"] == "completed"]
-    cols = [o.metric for o in objectives]
-    if all(c in done for c in cols):
-        pts = done[cols].to_numpy(dtype=float)
-        pts = pts[~np.isnan(pts).any(axis=1)]
-        if len(pts) and len(cols) <= 3:
-            hv = float(hypervolume(pts, [o.mode for o in objectives]))
-    return front, hv
+def objectives_of(cfg: StudyConfig) -> list[Objective]:
+    """The study's objectives as :class:`orchestrator.pareto.Objective`."""
+    return [Objective(o.metric, o.mode) for o in cfg.objectives]
 
 
-def summarise(cfg: StudyConfig, store: Any, tracker: Any | None) -> Any:
-    """Fill derived columns, flag the front, print and plot it; returns StudyResults."""
-    from orchestrator.study import StudyResults
-
-    df = store.trials()
-    if not df.empty and "test_accuracy" in df:
-        control = df[(df["defense"] == "none") & (df["status"] == "completed")]
-        if not control.empty:
-            base = float(control["test_accuracy"].max())
-            for _, row in df[df["status"] == "completed"].iterrows():
-                if row.get("test_accuracy") is None or np.isnan(row["test_accuracy"]):
-                    continue
-                updated = {k: (None if _isnan(v) else v) for k, v in row.to_dict().items()}
-                updated["accuracy_drop"] = base - float(row["test_accuracy"])
-                store.upsert_trial(updated)
-        df = store.trials()
-    front, hv = front_and_volume(cfg, df)
-    store.set_pareto(set(front["trial_id"]) if not front.empty else set())
-    df = store.trials()
-    objectives = [Objective(o.metric, o.mode) for o in cfg.objectives]
+def summarise(cfg: StudyConfig, store: ResultStore, tracker: StudyTracker | None) -> StudyResults:
+    """Analyse the study's trials, write the derived columns (one write), print and plot the
+    front, and close the MLflow parent run when ``tracker`` is given."""
+    analysis = analyse(objectives_of(cfg), store.trials())
+    if analysis.completed:
+        store.set_derived(analysis.accuracy_drop, set(analysis.front["trial_id"].astype(str)))
     plot = cfg.folder / "pareto.png"
-    completed = int((df["status"] == "completed").sum()) if not df.empty else 0
-    failed = int((df["status"] == "failed").sum()) if not df.empty else 0
-    if completed:
-        pareto_plot(df, objectives, plot, title=f"{cfg.study}: Pareto front")
-        params = sorted(c for c in df.columns if c.startswith("param_"))
-        table = pareto_table(front, objectives, params)
-        (cfg.folder / "pareto.txt").write_text(table + "\n")
-        print(
-            f"\nPareto front of {cfg.study} ({completed} completed, {failed} failed"
-            + (f", hypervolume {hv:.4g}" if hv is not None else "")
-            + "):"
-        )
-        print(table)
-        print(
-            f"\nResults: {cfg.folder} (trials.parquet, rounds.parquet, attacks.parquet, pareto.png)"
-        )
+    if analysis.completed:
+        publish_front(cfg, analysis, plot)
     if tracker is not None:
         tracker.finish(
             [plot, cfg.folder / "pareto.txt"],
-            {"hypervolume": hv, "trials_completed": completed, "trials_failed": failed},
+            {
+                "hypervolume": analysis.hypervolume,
+                "trials_completed": analysis.completed,
+                "trials_failed": analysis.failed,
+            },
         )
-    return StudyResults(trials=df, front=front, hypervolume=hv, folder=cfg.folder)
+    return StudyResults(
+        trials=store.trials(),
+        front=analysis.front,
+        hypervolume=analysis.hypervolume,
+        folder=cfg.folder,
+    )
 
 
-def _isnan(v: Any) -> bool:
-    return isinstance(v, float) and np.isnan(v)
+def publish_front(cfg: StudyConfig, analysis: Analysis, plot: Path) -> None:
+    """``pareto.png``, ``pareto.txt`` and the front printed on the console."""
+    objectives = objectives_of(cfg)
+    trials = analysis.trials
+    pareto_plot(trials, objectives, plot, title=f"{cfg.study}: Pareto front")
+    params = sorted(c for c in trials.columns if c.startswith("param_"))
+    table = pareto_table(analysis.front, objectives, params)
+    (cfg.folder / "pareto.txt").write_text(table + "\n")
+    volume = analysis.hypervolume
+    print(
+        f"\nPareto front of {cfg.study} ({analysis.completed} completed, {analysis.failed} failed"
+        + (f", hypervolume {volume:.4g}" if volume is not None else "")
+        + "):"
+    )
+    print(table)
+    print(f"\nResults: {cfg.folder} (trials.parquet, rounds.parquet, attacks.parquet, pareto.png)")

@@ -19,14 +19,14 @@ from typing import Any
 
 import torch
 
-from attacks import get_attack
-from attacks.batched import run_inverting_gradients_batched
+from attacks import Reconstruction, get_attack
 from attacks.metrics import score
 from attacks.plots import save_pair_grid
-from defenses import get_defense
+from defenses import Defense, get_defense
 from fl import data as fl_data
 from fl import models as fl_models
-from fl.simulation import CaptureConfig, RoundRecord, Simulator, resolve_device
+from fl.simulation import CaptureConfig, RoundRecord, RunResult, Simulator, resolve_device
+from fl.simulation.observation import GroundTruth, Observation
 from orchestrator.config import StudyConfig
 from orchestrator.metrics import (
     COST_PER_ATTACK,
@@ -34,6 +34,7 @@ from orchestrator.metrics import (
     custom_objectives,
     worst_case,
 )
+from orchestrator.results import attack_record
 
 log = logging.getLogger(__name__)
 
@@ -125,10 +126,6 @@ def run_trial(
     scoring uses the ground truth (the clients' ORIGINAL images) with the canonical protocol.
     """
     dev = resolve_device(device or config.device)
-    if config.lpips_backbone is not None:
-        from attacks.lpips_net import configure
-
-        configure(backbone_path=config.lpips_backbone)
     _reset_peak_memory(dev)
     d = config.data
     train = _load_split(d.dataset, str(d.root), "train", d.download, d.image_size)
@@ -142,122 +139,178 @@ def run_trial(
         **config.model.options(),
     )
     hooks = get_defense(defense, **params)
-    rounds = sorted({r for a in config.attacks for r in a.rounds})
-    victims = max(a.victims for a in config.attacks)
-    capture = CaptureConfig(rounds=rounds, victims=victims, reveal_labels=True)
-
     t0 = time.perf_counter()
-    sim = Simulator(
+    sim = _simulator(config, model, (train, test), hooks, dev, on_round)
+    if restore is not None:
+        sim.load_state_dict(restore)
+    try:
+        result = _federate(sim, config.federation.rounds, on_checkpoint, checkpoint_every)
+    finally:
+        sim.close()  # client threads (parallel_clients) end with the trial, also on failure
+    seconds_train = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    attacked = _attack(config, result, dev, image_dir, progress)
+    metrics = _trial_metrics(result, attacked, hooks)
+    metrics.update(seconds_train=seconds_train, seconds_attack=time.perf_counter() - t0)
+    metrics["seconds_metrics"] = attacked.seconds_metrics
+    metrics.update({f"{k}_{COST_PER_ATTACK}": v for k, v in attacked.seconds_per_attack.items()})
+    metrics["peak_memory_mb"] = _peak_memory_mb(dev)
+    rounds = _round_rows(result)
+    for name, objective in custom_objectives().items():
+        value = objective.fn({"metrics": dict(metrics), "rounds": rounds, "attacks": attacked.rows})
+        metrics[name] = None if value is None else float(value)
+    return TrialOutcome(metrics, rounds, attacked.rows, attacked.images, str(dev))
+
+
+def _simulator(
+    config: StudyConfig,
+    model: torch.nn.Module,
+    data: tuple[Any, Any],
+    hooks: Defense,
+    device: torch.device,
+    on_round: Callable[[RoundRecord], None] | None,
+) -> Simulator:
+    """The trial's federated run on ``data`` (train, test), capturing exactly what the union
+    of its attacks is granted (the private labels only when an attack knows them)."""
+    capture = CaptureConfig(
+        rounds=sorted({r for a in config.attacks for r in a.rounds}),
+        victims=max(a.victims for a in config.attacks),
+        reveal_labels=any(a.capabilities.knows_labels for a in config.attacks),
+    )
+    train, test = data
+    return Simulator(
         model,
         train,
         config.federation,
         test=test,
         hooks=hooks,
         capture=capture,
-        device=dev,
+        device=device,
         seed=config.seed,
         on_round=on_round,
     )
-    if restore is not None:
-        sim.load_state_dict(restore)
-    rounds_total = config.federation.rounds
-    try:
-        while sim.round < rounds_total:
-            record = sim.run_round()
-            if on_checkpoint is not None and (
-                sim.round % max(1, checkpoint_every) == 0 or sim.round == rounds_total
-            ):
-                on_checkpoint(sim.state_dict(), record)
-        result = sim.run()
-    finally:
-        sim.close()  # client threads (parallel_clients) end with the trial, also on failure
-    seconds_train = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    seconds_metrics = 0.0
-    records: list[dict[str, Any]] = []
-    per_attack: dict[str, dict[str, float | None]] = {}
-    images: list[Path] = []
-    victim_rank: dict[tuple[int, int], int] = {}
-    for rnd, clients in ((r.round, r.clients) for r in result.history):
-        for rank, client in enumerate(clients):
-            victim_rank[(rnd, client)] = rank
-    seconds_per_attack: dict[str, float] = {}
+
+def _federate(
+    sim: Simulator,
+    rounds: int,
+    on_checkpoint: Callable[[dict[str, Any], RoundRecord], None] | None,
+    checkpoint_every: int,
+) -> RunResult:
+    """The remaining rounds, with a checkpoint every ``checkpoint_every`` rounds and at the end."""
+    while sim.round < rounds:
+        record = sim.run_round()
+        due = sim.round % max(1, checkpoint_every) == 0 or sim.round == rounds
+        if on_checkpoint is not None and due:
+            on_checkpoint(sim.state_dict(), record)
+    return sim.run()
+
+
+@dataclass
+class _Attacked:
+    """What the attacks of a trial produced: one record per attacked image, each attack's
+    summary, the image grids written, and the time spent scoring and per attack."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    summaries: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    images: list[Path] = field(default_factory=list)
+    seconds_metrics: float = 0.0
+    seconds_per_attack: dict[str, float] = field(default_factory=dict)
+
+
+def _attack(
+    config: StudyConfig,
+    result: RunResult,
+    device: torch.device,
+    image_dir: Path | None,
+    progress: Callable[[str], None] | None,
+) -> _Attacked:
+    """Every configured attack on its victims (the first ``victims`` sampled clients of each
+    attacked round), scored against the ground truth."""
+    out = _Attacked()
+    rank = {(r.round, client): i for r in result.history for i, client in enumerate(r.clients)}
     for spec in config.attacks:
-        t_attack = time.perf_counter()
-        attack = get_attack(spec.name, seed=config.seed, **spec.params)
-        rows: list[dict[str, Any]] = []
+        started = time.perf_counter()
         chosen = [
             (obs, truth)
             for obs, truth in result.captures
-            if obs.round in spec.rounds and victim_rank[(obs.round, obs.client)] < spec.victims
+            if obs.round in spec.rounds and rank[(obs.round, obs.client)] < spec.victims
         ]
-        if _batch_victims(spec.batch_victims, dev) and len(chosen) > 1:
-            reconstructions = run_inverting_gradients_batched(
-                attack, [o for o, _ in chosen], spec.capabilities
-            )  # falls back to separate runs where batching does not apply
-        else:
-            reconstructions = [attack.run(o, spec.capabilities) for o, _ in chosen]
+        attack = get_attack(spec.name, seed=config.seed, **spec.params)
+        reconstructions = attack.run_many(
+            [o for o, _ in chosen],
+            spec.capabilities,
+            batched=len(chosen) > 1 and _batch_victims(spec.batch_victims, device),
+        )  # batched where the attack has such a path and the victims allow it
+        rows: list[dict[str, Any]] = []
         for (obs, truth), rec in zip(chosen, reconstructions, strict=True):
-            seconds = rec.seconds
             t1 = time.perf_counter()
-            s = score(rec, truth, success_psnr=config.success_psnr, device=str(dev))
-            seconds_metrics += time.perf_counter() - t1
+            s = score(
+                rec,
+                truth,
+                success_psnr=config.success_psnr,
+                device=str(device),
+                lpips_backbone=config.lpips_backbone,
+            )
+            out.seconds_metrics += time.perf_counter() - t1
             if progress is not None:
                 progress(
                     f"attack {spec.key} round {obs.round} client {obs.client}: "
-                    f"PSNR max {s['psnr_max']:.2f} dB, {seconds:.1f} s"
+                    f"PSNR max {s['psnr_max']:.2f} dB, {rec.seconds:.1f} s"
                 )
-            for img in s["per_image"]:
-                rows.append(
-                    {
-                        "attack": spec.key,
-                        "round": obs.round,
-                        "client": obs.client,
-                        "image_index": int(img["index"]),
-                        "psnr": float(img["psnr"]),
-                        "ssim": float(img["ssim"]),
-                        "lpips": None if img.get("lpips") is None else float(img["lpips"]),
-                        "label_correct": img.get("label_correct"),
-                        "seconds": seconds,
-                        "diverged": bool(rec.diverged),
-                    }
+            rows.extend(
+                attack_record(
+                    spec.key, obs.round, obs.client, img, seconds=rec.seconds, diverged=rec.diverged
                 )
+                for img in s["per_image"]
+            )
             if image_dir is not None and config.tracking.log_images != "none":
-                order = s["assignment"]
-                rec_sorted = rec.images[order]
-                name = f"{spec.key}_round{obs.round}_client{obs.client}.png"
-                psnrs = [float(i["psnr"]) for i in s["per_image"]]
-                truth_images = truth.images if config.tracking.log_images == "pairs" else None
-                images.append(
-                    save_pair_grid(
-                        truth_images,
-                        rec_sorted,
-                        image_dir / name,
-                        psnr=psnrs,
-                        title=f"{spec.key}, round {obs.round}, client {obs.client}",
-                    )
-                )
-        per_attack[spec.key] = attack_summary(rows, config.success_psnr)
-        records.extend(rows)
-        seconds_per_attack[spec.key] = time.perf_counter() - t_attack
-    seconds_attack = time.perf_counter() - t0
+                out.images.append(_save_grid(config, spec.key, obs, truth, rec, s, image_dir))
+        out.summaries[spec.key] = attack_summary(rows, config.success_psnr)
+        out.rows.extend(rows)
+        out.seconds_per_attack[spec.key] = time.perf_counter() - started
+    return out
 
-    final = result.final_metrics
+
+def _save_grid(
+    config: StudyConfig,
+    key: str,
+    obs: Observation,
+    truth: GroundTruth,
+    rec: Reconstruction,
+    scored: dict[str, Any],
+    image_dir: Path,
+) -> Path:
+    """The reconstruction grid of one victim (ground truth above it when ``log_images`` is
+    ``pairs``), reconstructions in the order of the metric protocol's assignment."""
+    psnrs = [float(i["psnr"]) for i in scored["per_image"]]
+    truth_images = truth.images if config.tracking.log_images == "pairs" else None
+    return save_pair_grid(
+        truth_images,
+        rec.images[scored["assignment"]],
+        image_dir / f"{key}_round{obs.round}_client{obs.client}.png",
+        psnr=psnrs,
+        title=f"{key}, round {obs.round}, client {obs.client}",
+    )
+
+
+def _trial_metrics(
+    result: RunResult, attacked: _Attacked, hooks: Defense
+) -> dict[str, float | None]:
+    """Final test metrics, every attack's summary, the worst case and the privacy loss ε."""
     metrics: dict[str, float | None] = {
-        f"test_{k}": (None if v is None else float(v)) for k, v in final.items()
+        f"test_{k}": (None if v is None else float(v)) for k, v in result.final_metrics.items()
     }
-    for key, summary in per_attack.items():
+    for key, summary in attacked.summaries.items():
         metrics.update({f"{key}_{k}": v for k, v in summary.items()})
-    metrics.update(worst_case(per_attack))
-    delta = getattr(hooks.params, "delta", 1e-5)  # a DP defense's own delta, else 1e-5
-    metrics["epsilon"] = hooks.epsilon(float(delta))
-    metrics["seconds_train"] = seconds_train
-    metrics["seconds_attack"] = seconds_attack
-    metrics["seconds_metrics"] = seconds_metrics
-    metrics.update({f"{key}_{COST_PER_ATTACK}": s for key, s in seconds_per_attack.items()})
-    metrics["peak_memory_mb"] = _peak_memory_mb(dev)
-    rounds_rows = [
+    metrics.update(worst_case(attacked.summaries))
+    metrics["epsilon"] = hooks.epsilon()  # at the defense's own δ
+    return metrics
+
+
+def _round_rows(result: RunResult) -> list[dict[str, Any]]:
+    """One row per round: loss, seconds and the test metrics after it."""
+    return [
         {
             "round": r.round,
             "train_loss": r.train_loss,
@@ -266,7 +319,3 @@ def run_trial(
         }
         for r in result.history
     ]
-    for name, objective in custom_objectives().items():
-        value = objective.fn({"metrics": dict(metrics), "rounds": rounds_rows, "attacks": records})
-        metrics[name] = None if value is None else float(value)
-    return TrialOutcome(metrics, rounds_rows, records, images, str(dev))

@@ -8,7 +8,7 @@ The split is load-bearing:
 
 * defenses such as PRECODE (Scheliga et al., WACV 2022) replace :attr:`SplitModel.bottleneck`
   with a variational module mapping ``(B, feature_dim) -> (B, feature_dim)`` and contribute a
-  regulariser through :meth:`SplitModel.extra_loss`;
+  regulariser through :meth:`SplitModel.auxiliary_loss`;
 * label-inference attacks (iDLG, Zhao et al. 2020; LLG, Wainakh et al. 2022) read the gradient of
   :meth:`SplitModel.last_layer`'s weight, and Soteria (Sun et al., CVPR 2021) perturbs the
   representation returned by :meth:`SplitModel.forward_features`.
@@ -40,7 +40,7 @@ class SplitModel(nn.Module):
         features: maps an image batch ``(B, C, H, W)`` to flat features ``(B, feature_dim)``.
         bottleneck: maps ``(B, feature_dim) -> (B, feature_dim)``; :class:`torch.nn.Identity` by
             default. Defenses (e.g. PRECODE) assign their own module here; if that module has an
-            ``extra_loss()`` method its value is exposed by :meth:`extra_loss`.
+            ``auxiliary_loss()`` method its value is exposed by :meth:`auxiliary_loss`.
         classifier: the final ``nn.Linear(feature_dim, num_classes)``.
         feature_dim: width of the representation fed to the classifier.
         num_classes: number of output logits.
@@ -100,14 +100,14 @@ class SplitModel(nn.Module):
         """Return the final linear layer (whose weight gradient label inference reads)."""
         return self.classifier
 
-    def extra_loss(self) -> torch.Tensor | None:
+    def auxiliary_loss(self) -> torch.Tensor | None:
         """Return the bottleneck's auxiliary loss term, or None if it has none.
 
-        The bottleneck contributes one by defining a callable ``extra_loss()`` (PRECODE's KL
+        The bottleneck contributes one by defining a callable ``auxiliary_loss()`` (PRECODE's KL
         divergence of the last forward pass, for instance). Training code adds it to the task
         loss when it is not None.
         """
-        hook = getattr(self.bottleneck, "extra_loss", None)
+        hook = getattr(self.bottleneck, "auxiliary_loss", None)
         if callable(hook):
             return hook()
         return None

@@ -12,6 +12,7 @@ from torch import nn
 
 from fl.simulation.hooks import ClientContext, ClientHooks
 from fl.simulation.normalization import normalize
+from fl.simulation.observation import MESSAGE_KIND
 
 
 @dataclass
@@ -61,7 +62,7 @@ def loss_from_logits(
 ) -> torch.Tensor:
     """:func:`model_loss` for logits already computed (e.g. from features a defense needs)."""
     loss = F.cross_entropy(logits, labels)
-    extra_model = getattr(model, "extra_loss", None)
+    extra_model = getattr(model, "auxiliary_loss", None)
     if callable(extra_model):
         term = extra_model()
         if term is not None:
@@ -205,7 +206,7 @@ def run_client(
         # a defense changed some batch: examples first used in an unchanged batch trained as-is
         trained = torch.stack([transformed.get(i, images[i]) for i in used]).cpu()
     return ClientResult(
-        kind="gradient" if algorithm == "fedsgd" else "weights",
+        kind=MESSAGE_KIND[algorithm],
         message=message,
         buffers=buffers,
         num_examples=len(used),

@@ -95,8 +95,9 @@ class ClientHooks:
         """
         return update
 
-    def epsilon(self, delta: float) -> float | None:
-        """The privacy loss spent so far, for defenses with an accountant; None otherwise."""
+    def epsilon(self, delta: float | None = None) -> float | None:
+        """The privacy loss ε spent so far at ``delta`` (None: the defense's own δ), for
+        defenses with an accountant; None otherwise."""
         return None
 
     def state_dict(self) -> dict[str, Any]:

@@ -16,6 +16,13 @@ import torch
 from torch import nn
 
 MessageKind = Literal["gradient", "weights"]
+"""What a client sends: its gradient (FedSGD) or its updated weights (FedAvg)."""
+
+MESSAGE_KIND: dict[str, MessageKind] = {"fedsgd": "gradient", "fedavg": "weights"}
+"""The message kind of each federated algorithm."""
+
+ALGORITHM_OF: dict[MessageKind, str] = {kind: alg for alg, kind in MESSAGE_KIND.items()}
+"""The federated algorithm that sends each message kind."""
 
 
 @dataclass(frozen=True)

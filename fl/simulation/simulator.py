@@ -22,7 +22,7 @@ from fl.simulation.config import CaptureConfig, FederationConfig
 from fl.simulation.device import resolve_device
 from fl.simulation.evaluation import evaluate
 from fl.simulation.hooks import ClientContext, ClientHooks
-from fl.simulation.observation import GroundTruth, Observation
+from fl.simulation.observation import MESSAGE_KIND, GroundTruth, Observation
 from fl.simulation.vectorized import run_clients_vectorized, vectorization_obstacle
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ def client_context(
         generator=gen,
         mean=mean,
         std=std,
-        kind="gradient" if algorithm == "fedsgd" else "weights",
+        kind=MESSAGE_KIND[algorithm],
     )
 
 

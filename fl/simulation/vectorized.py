@@ -33,6 +33,7 @@ from torch.func import functional_call, grad, vmap
 from fl.simulation.client import ClientResult, _batches, outgoing_message, steps_for
 from fl.simulation.hooks import ClientContext, ClientHooks
 from fl.simulation.normalization import normalize
+from fl.simulation.observation import MESSAGE_KIND
 
 _BATCH_HOOKS = ("transform_batch", "extra_loss", "compute_gradients")
 
@@ -44,10 +45,10 @@ def vectorization_obstacle(model: nn.Module, hooks: ClientHooks) -> str | None:
         if getattr(type(hooks), name) is not getattr(ClientHooks, name):
             return f"the hooks {type(hooks).__name__!r} override {name}()"
     bottleneck = getattr(model, "bottleneck", None)
-    if isinstance(bottleneck, nn.Module) and callable(getattr(bottleneck, "extra_loss", None)):
-        return "the model's bottleneck adds a stochastic loss term (extra_loss)"
-    if bottleneck is None and callable(getattr(model, "extra_loss", None)):
-        return "the model adds its own loss term (extra_loss)"
+    if isinstance(bottleneck, nn.Module) and callable(getattr(bottleneck, "auxiliary_loss", None)):
+        return "the model's bottleneck adds a stochastic loss term (auxiliary_loss)"
+    if bottleneck is None and callable(getattr(model, "auxiliary_loss", None)):
+        return "the model adds its own loss term (auxiliary_loss)"
     for module in model.modules():
         if isinstance(module, nn.modules.dropout._DropoutNd):
             return "the model has dropout (each client would need its own random mask)"
@@ -167,7 +168,7 @@ def run_clients_vectorized(
         message = outgoing_message(algorithm, result, start, hooks, contexts[k])
         results.append(
             ClientResult(
-                kind="gradient" if algorithm == "fedsgd" else "weights",
+                kind=MESSAGE_KIND[algorithm],
                 message=message,
                 buffers={n: t[k].clone() for n, t in buffers.items()},
                 num_examples=len(used),

@@ -194,15 +194,16 @@ def test_threat_model_rejects_mismatched_observations(real_images_16) -> None:
         get_attack("dlm_plus").run(grad_obs)
     with pytest.raises(ValueError, match="labels='known'"):
         get_attack("idlg", labels="known", iterations=1).run(grad_obs)
-    # granted labels are used; not granted, they are stripped even if recorded
+    # granted labels are used; not granted, they are stripped even if recorded, and no
+    # capabilities at all means the least-privileged attacker (fail closed)
     revealed, _ = observe_client_step(
         model, real_images_16[:1], torch.tensor([0]), reveal_labels=True
     )
-    assert get_attack("dlg", iterations=1).run(revealed).label_source == "known"
-    assert (
-        get_attack("dlg", iterations=1).run(revealed, AttackerCapabilities()).label_source
-        == "optimised"
-    )
+    dlg = get_attack("dlg", iterations=1)
+    assert dlg.run(revealed, AttackerCapabilities(knows_labels=True)).label_source == "known"
+    assert dlg.run(revealed, AttackerCapabilities()).label_source == "optimised"
+    assert dlg.run(revealed).label_source == "optimised"
+    assert dlg.run_many([revealed]).pop().label_source == "optimised"
 
 
 def test_restarts_choose_the_lowest_attack_loss(real_images_16) -> None:

@@ -17,12 +17,14 @@ import math
 import pytest
 import torch
 
-from attacks import Reconstruction, get_attack
-from attacks.batched import batching_obstacle, run_inverting_gradients_batched
+from attacks import AttackerCapabilities, Reconstruction, get_attack
+from attacks.inverting_gradients import batching_obstacle
 from attacks.optim import run_signed_adam, run_signed_adam_batched
 from fl import models
 from fl.simulation import observe_client_step
 from fl.simulation.observation import Observation
+
+GRANTED = AttackerCapabilities(knows_labels=True)  # victim 0's labels are revealed
 
 
 def _victims(
@@ -70,8 +72,8 @@ def test_lenet_victims_with_different_weights_match_separate_runs(
     victims = _victims(real_images_16, "lenet", seeds=[0, 1, 2])
     attack = get_attack("inverting_gradients", iterations=50, seed=3)
     assert batching_obstacle(attack, victims) is None
-    separate = [attack.run(o) for o in victims]
-    batched = run_inverting_gradients_batched(attack, victims)
+    separate = [attack.run(o, GRANTED) for o in victims]
+    batched = attack.run_many(victims, GRANTED, batched=True)
     assert [r.label_source for r in batched] == ["known", "inferred", "inferred"]
     _assert_same(batched, separate)
 
@@ -83,8 +85,8 @@ def test_a_diverging_victim_stops_alone_as_in_its_separate_run(
     broken = {k: g * math.inf for k, g in victims[1].message.items()}
     victims[1] = victims[1].replace(message=broken)
     attack = get_attack("inverting_gradients", iterations=20, seed=0)
-    separate = [attack.run(o) for o in victims]
-    batched = run_inverting_gradients_batched(attack, victims)
+    separate = [attack.run(o, GRANTED) for o in victims]
+    batched = attack.run_many(victims, GRANTED, batched=True)
     assert [r.diverged for r in batched] == [False, True, False]
     _assert_same(batched, separate)
 
@@ -96,9 +98,9 @@ def test_batchnorm_convnet_victims_match_separate_runs(
     victims = _victims(real_images_16[6:], "convnet", seeds=seeds)
     attack = get_attack("inverting_gradients", iterations=50, seed=1)
     assert batching_obstacle(attack, victims) is None
-    separate = [attack.run(o) for o in victims]
+    separate = [attack.run(o, GRANTED) for o in victims]
     buffers = [{k: b.clone() for k, b in o.model.named_buffers()} for o in victims]
-    batched = run_inverting_gradients_batched(attack, victims)
+    batched = attack.run_many(victims, GRANTED, batched=True)
     _assert_same(batched, separate)
     for obs, before in zip(victims, buffers, strict=True):  # running stats left alone
         assert all(torch.equal(b, before[k]) for k, b in obs.model.named_buffers())
@@ -108,8 +110,8 @@ def test_unsupported_victims_fall_back_to_separate_runs(real_images_16) -> None:
     victims = _victims(real_images_16, "lenet", seeds=[0, 1], algorithm="fedavg", lr=0.1)
     attack = get_attack("inverting_gradients", iterations=5, seed=0)
     assert batching_obstacle(attack, victims) == "not a FedSGD gradient observation"
-    separate = [attack.run(o) for o in victims]
-    batched = run_inverting_gradients_batched(attack, victims)
+    separate = [attack.run(o, GRANTED) for o in victims]
+    batched = attack.run_many(victims, GRANTED, batched=True)
     for b, s in zip(batched, separate, strict=True):
         assert torch.equal(b.images, s.images) and b.loss == s.loss
     gradients = _victims(real_images_16, "lenet", seeds=[0, 1])

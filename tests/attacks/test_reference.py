@@ -6,7 +6,7 @@ import copy
 
 import torch
 
-from attacks import get_attack
+from attacks import AttackerCapabilities, get_attack
 from attacks.metrics import score
 from attacks.objectives import cosine_distance, weighted_sq_norm
 from attacks.reconstruction import Reconstruction
@@ -37,7 +37,9 @@ def test_our_inverting_gradients_follows_the_textbook_loop(float64: None) -> Non
         reveal_labels=True,
     )
     iterations, tv = 40, 1e-4
-    ours = get_attack("inverting_gradients", iterations=iterations, tv=tv, seed=0).run(obs)
+    ours = get_attack("inverting_gradients", iterations=iterations, tv=tv, seed=0).run(
+        obs, AttackerCapabilities(knows_labels=True)
+    )
 
     setup = InversionSetup.from_observation(obs)
     gen = torch.Generator().manual_seed(0)  # the attack's restart 0 with seed 0

@@ -199,7 +199,7 @@ def test_batchnorm_and_auxiliary_losses_are_rejected() -> None:
         def forward(self, z: torch.Tensor) -> torch.Tensor:
             return z
 
-        def extra_loss(self) -> torch.Tensor:
+        def auxiliary_loss(self) -> torch.Tensor:
             return torch.zeros(())
 
     gn.bottleneck = KLBottleneck()

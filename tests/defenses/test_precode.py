@@ -84,7 +84,7 @@ def test_prepare_model_inserts_the_bottleneck_before_the_classifier() -> None:
         get_defense("precode").prepare_model(model)
 
 
-def test_extra_loss_is_beta_times_the_closed_form_kl_in_bits() -> None:
+def test_auxiliary_loss_is_beta_times_the_closed_form_kl_in_bits() -> None:
     vb = VariationalBottleneck(2, 2, beta=0.5)
     # mu = x (identity rows), sigma = softplus(bias) = (1, 0.5) for every example
     sigma = torch.tensor([1.0, 0.5])
@@ -95,7 +95,7 @@ def test_extra_loss_is_beta_times_the_closed_form_kl_in_bits() -> None:
         vb.encoder.bias.copy_(torch.cat([torch.zeros(2), torch.log(torch.expm1(sigma))]))
     x = torch.tensor([[1.0, 2.0], [0.0, -1.0]])
     with pytest.raises(RuntimeError, match="before any forward"):
-        vb.extra_loss()
+        vb.auxiliary_loss()
     vb(x)
 
     def kl_nats(mu: float, s: float) -> float:
@@ -108,11 +108,11 @@ def test_extra_loss_is_beta_times_the_closed_form_kl_in_bits() -> None:
     kl = vb.kl()
     assert kl is not None
     assert float(kl.detach()) == pytest.approx(expected_bits, rel=1e-6)
-    assert float(vb.extra_loss().detach()) == pytest.approx(0.5 * expected_bits, rel=1e-6)
+    assert float(vb.auxiliary_loss().detach()) == pytest.approx(0.5 * expected_bits, rel=1e-6)
     # the model-level hook exposes the same term, and copies drop the (graph-carrying) value
     model = models.build("mlp", channels=1, classes=3, image_size=2, hidden=(2,))
     model.bottleneck = vb
-    term = model.extra_loss()
+    term = model.auxiliary_loss()
     assert term is not None
     assert float(term.detach()) == pytest.approx(0.5 * expected_bits, rel=1e-6)
     assert copy.deepcopy(model).bottleneck.kl() is None

@@ -53,7 +53,7 @@ class ScaleBottleneck(nn.Module):
         self.last = z
         return z * self.scale
 
-    def extra_loss(self) -> torch.Tensor:
+    def auxiliary_loss(self) -> torch.Tensor:
         assert self.last is not None
         return self.last.pow(2).mean()
 
@@ -198,7 +198,7 @@ def test_split_contract(name: str, image_size: int, channels: int) -> None:
     assert isinstance(model.classifier, nn.Linear)
     assert model.classifier.in_features == model.feature_dim
     assert model.classifier.out_features == CLASSES
-    assert model.extra_loss() is None
+    assert model.auxiliary_loss() is None
 
     logits = model(x)
     feats = model.forward_features(x)
@@ -226,7 +226,7 @@ def test_feature_dims(name: str, image_size: int, feature_dim: int) -> None:
 
 
 @pytest.mark.parametrize("name", BUILTINS)
-def test_bottleneck_replacement_changes_output_and_exposes_extra_loss(name: str) -> None:
+def test_bottleneck_replacement_changes_output_and_exposes_auxiliary_loss(name: str) -> None:
     torch.manual_seed(0)
     model = make(name).eval()
     x = batch(3, 16)
@@ -237,7 +237,7 @@ def test_bottleneck_replacement_changes_output_and_exposes_extra_loss(name: str)
     assert after.shape == before.shape
     assert not torch.allclose(before, after)
     torch.testing.assert_close(after, model.classifier(model.forward_features(x)))
-    extra = model.extra_loss()
+    extra = model.auxiliary_loss()
     assert isinstance(extra, torch.Tensor) and extra.dim() == 0 and extra.item() > 0
     # The bottleneck's parameters belong to the model (optimisers and FedAvg see them).
     assert any(p is model.bottleneck.scale for p in model.parameters())
@@ -251,7 +251,7 @@ def test_gradients_reach_every_parameter(name: str, channels: int) -> None:
     model.bottleneck = ScaleBottleneck(model.feature_dim)
     x = batch(channels, 16)
     y = torch.arange(BATCH) % CLASSES
-    loss = F.cross_entropy(model(x), y) + model.extra_loss()
+    loss = F.cross_entropy(model(x), y) + model.auxiliary_loss()
     loss.backward()
     for pname, param in model.named_parameters():
         assert param.grad is not None, pname

@@ -13,9 +13,20 @@ from orchestrator.cli import main
 from orchestrator.report import report
 
 
+def _study_files(folder: Path) -> dict[str, bytes]:
+    """The study's own outputs (everything but the report's files), by relative path."""
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not p.name.startswith("report")
+    }
+
+
 def test_report_holds_every_section(completed_study) -> None:
     cfg, _ = completed_study
+    before = _study_files(cfg.folder)
     html_path, md_path = report(cfg.folder)
+    assert _study_files(cfg.folder) == before  # the report only reads the study's files
     page = html_path.read_text()
     for title in (
         "Settings",
@@ -30,7 +41,7 @@ def test_report_holds_every_section(completed_study) -> None:
     assert page.count("data:image/png;base64,") >= 2  # the plot and at least one grid
     assert "http://" not in page and "https://" not in page and "<script" not in page
     md = md_path.read_text()
-    assert "![Pareto front](pareto.png)" in md and "| defense |" in md
+    assert "![Pareto front](report_pareto.png)" in md and "| defense |" in md
     for grid in re.findall(r"\]\((images/[^)]+)\)", md):
         assert (cfg.folder / grid).exists()
 
@@ -101,7 +112,8 @@ def test_log_images_none_keeps_every_image_out(tiny_study, local_ray_run) -> Non
 
     cfg = load_study(tiny_study({"tracking.log_images": "none", "search.trials": 2}))
     local_ray_run(cfg)
-    pngs = [p for p in Path(cfg.folder).rglob("*.png") if p.name != "pareto.png"]
+    plots = {"pareto.png", "report_pareto.png"}
+    pngs = [p for p in Path(cfg.folder).rglob("*.png") if p.name not in plots]
     assert not pngs, pngs
     html_path, _ = report(cfg.folder)
     page = html_path.read_text()

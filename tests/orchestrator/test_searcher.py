@@ -8,10 +8,10 @@ import shutil
 import optuna
 import pandas as pd
 
+from orchestrator.reconcile import reconcile
 from orchestrator.results import ResultStore
 from orchestrator.search import TUNE_TRIAL_ID, define_by_run
 from orchestrator.searcher import RecordedFirstOptunaSearch
-from orchestrator.study import Study
 from orchestrator.tracking import TRIAL_TAG, StudyTracker
 
 
@@ -66,7 +66,7 @@ def test_resume_completes_recorded_trials_and_fails_interrupted_ones(
     for tid in (str(row["trial_id"]), "cut"):  # "cut": its run closed, then the driver died
         tracker.log_trial(tid, params={}, metrics={}, rounds=[], tags={"defense": "none"})
 
-    done, _ = Study(copy_cfg)._reconcile(store, tracker, storage, resume=True)
+    done = reconcile(copy_cfg, store, tracker, storage, []).done
 
     assert done == len(trials) and "cut" not in set(store.trials()["trial_id"])
     children = tracker._children(tracker.parent_run_id)

@@ -433,14 +433,15 @@ def test_unreachable_tracking_server_and_ray_address_are_one_line_errors(
 def test_ctrl_c_stops_the_study_cleanly_and_says_how_to_resume(tiny_study) -> None:
     """SIGINT to the driver's process group (what Ctrl-C does) mid-study: exit status 130, the
     resume command printed, no traceback; ``--resume`` then completes the study. Inverting
-    Gradients with 3,000 iterations makes each trial last ~2 s: with reused workers the tiny
-    study's own trials take ~0.2 s, too short to be caught mid-study."""
+    Gradients with 6,000 iterations makes each trial last ~4 s: with reused workers the tiny
+    study's own trials take ~0.2 s, too short to be caught mid-study (at 3,000 iterations, ~2 s,
+    a loaded machine once let the last trial finish before the signal landed)."""
     slow_attack = [
         {
             "name": "inverting_gradients",
             "rounds": [0],
             "victims": 1,
-            "params": {"iterations": 3000},
+            "params": {"iterations": 6000},
         }
     ]
     path = tiny_study({"search.concurrency": 1, "attacks": slow_attack})

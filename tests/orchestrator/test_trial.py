@@ -113,7 +113,7 @@ def test_batched_victims_give_the_same_trial_as_separate_runs(tiny_study, monkey
     stay above 58 dB; two different victims' reconstructions in this study are at most 20.8 dB
     apart, so a victim mixed up in the batched path fails."""
     import orchestrator.trial as trial_module
-    from attacks.gradient import InvertingGradients
+    from attacks.inverting_gradients import InvertingGradients
     from attacks.metrics import psnr
 
     attack = {
