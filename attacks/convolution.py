@@ -3,41 +3,14 @@ bit-identical results.
 
 Gradient matching (DLG, iDLG, Inverting Gradients, DLM) differentiates the model's weight
 gradient ``g(x) = dL/dW`` with respect to the dummy images ``x``: a double backward. PyTorch's
-double backward of a convolution (``_convolution_double_backward`` in ATen) returns three
-products -- for the first backward's output gradient ``gO``, its input ``x`` and its weight
-``W`` -- and computes the weight product whenever the input-gradient branch carries a gradient,
-whatever the autograd engine asked for. When the attack differentiates with respect to its dummy
-data only, and ``W`` is the weights the server sent, that product is never used: on the
-Inverting Gradients ConvNet it is one "batch and channels swapped" convolution per layer whose
-kernel is the whole image, about a sixth of an attack iteration.
-
-:class:`ExactInversionConvolutions` is a ``TorchFunctionMode`` that routes ``conv2d`` calls made
-under it through :class:`Conv2dForInversion`. Its forward, its first backward and its double
-backward call exactly the ATen operators PyTorch's own convolution nodes call, with the same
-arguments and in the same order (``convolution``; ``convolution_backward``; the formulas of
-``_convolution_double_backward``), so every value is bit-identical to ``F.conv2d``'s
-(``tests/attacks/test_convolution.py`` checks with ``torch.equal``, for the attacks' objectives,
-DLM's unrolled steps, shared weights and second-order weight gradients). What differs is only
-which products are computed: each node asks the autograd engine (``_will_engine_execute_node``,
-the query behind ``torch.autograd.graph.register_multi_grad_hook``) whether a gradient for each
-of its inputs will be used, as ATen's nodes do through ``should_compute_output``, and computes
-the weight product only then (with ATen's own ``_convolution_double_backward``). Leaf weights
-enter through one identity view per context, because the engine cannot be asked about a leaf
-during ``torch.autograd.grad``; leaf inputs (the dummy image) are not asked about, and their
-gradient is computed whenever they require one (a small convolution in the first layer).
-
-One limit, from the views: a leaf weight's gradient sums the contributions of its convolutions
-in one context at the view before adding anything else. So it is bit-identical when every use
-of that leaf in the differentiated graph is a convolution of one context (the attacks: one
-context per dummy forward pass; DLM's later steps use non-leaf weights); if the same leaf is
-also used directly (a weight-decay term), by a transposed convolution or in a second context,
-three or more contributions can be summed in another order (a difference of ~1e-6 relative).
-Calls the custom functions cannot serve exactly keep PyTorch's own path (see
-:func:`_routable`).
-
-An earlier, dropped variant wrote the first backward's input gradient as a transposed
-convolution: the same values up to rounding, and that rounding moved reconstructions (see
-``docs/performance.md``). This one does not round differently anywhere.
+convolution double backward (``_convolution_double_backward``) also computes a weight product
+that such an attack never uses (on the Inverting Gradients ConvNet, a whole-image-kernel
+convolution per layer, about a sixth of an iteration). :class:`ExactInversionConvolutions`
+routes ``conv2d`` calls through :class:`Conv2dForInversion`, whose nodes call the same ATen
+operators with the same arguments in the same order (so every value is bit-identical,
+``tests/attacks/test_convolution.py``) and compute a product only when the autograd engine will
+use it. How it works, its one documented limit (a leaf weight also used outside one context's
+convolutions) and the dropped variants: ``docs/performance.md`` §2.
 
 On CUDA the mode has not yet been run against PyTorch's own path, so by default
 (:func:`exact_convolutions` ``"auto"``, the attacks' ``exact_convolutions`` parameter) it is

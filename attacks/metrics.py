@@ -288,23 +288,9 @@ def score_images(
     if not math.isfinite(success_psnr):
         raise ValueError(f"success_psnr must be finite, got {success_psnr}")
 
-    lpips_dist: np.ndarray | None = None
-    if not lpips:
-        lpips_status = "disabled (lpips=False)"
-    else:
-        try:
-            lpips_dist = lpips_matrix(truth, rec, device=device, backbone=lpips_backbone).numpy()
-            lpips_status = "ok"
-        except LpipsUnavailable as exc:
-            lpips_status = f"unavailable: {exc}"
-            logger.warning("LPIPS unavailable, scoring without it (MSE assignment): %s", exc)
-
-    if lpips_dist is not None:
-        assignment_cost: CostName = "lpips"
-        assignment = _hungarian(lpips_dist)
-    else:
-        assignment_cost = "mse"
-        assignment = _hungarian(_mse_matrix(truth, rec))
+    lpips_dist, lpips_status = _lpips_distances(truth, rec, lpips, device, lpips_backbone)
+    assignment_cost: CostName = "mse" if lpips_dist is None else "lpips"
+    assignment = _hungarian(_mse_matrix(truth, rec) if lpips_dist is None else lpips_dist)
 
     ordered = rec[assignment]
     truth_np = truth.permute(0, 2, 3, 1).numpy()
@@ -314,15 +300,9 @@ def score_images(
     lpipss = (
         [float(lpips_dist[i, assignment[i]]) for i in range(n)] if lpips_dist is not None else None
     )
-    if rec_lab is not None and true_lab is not None:
-        correct: list[bool] | None = [bool(x) for x in rec_lab[np.asarray(assignment)] == true_lab]
-        label_accuracy: float | None = float(np.mean(correct))
-    else:
-        correct, label_accuracy = None, None
+    correct = _label_correct(rec_lab, true_lab, assignment)
+    label_accuracy = None if correct is None else float(np.mean(correct))
 
-    psnr_mean, psnr_median, psnr_max, psnr_min = _summary(psnrs, ("mean", "median", "max", "min"))
-    ssim_mean, ssim_median, ssim_max = _summary(ssims, ("mean", "median", "max"))
-    lpips_mean, lpips_median, lpips_min = _summary(lpipss, ("mean", "median", "min"))
     per_image = [
         {
             "index": i,
@@ -337,16 +317,7 @@ def score_images(
         "n_images": n,
         "assignment_cost": assignment_cost,
         "assignment": assignment,
-        "psnr_mean": psnr_mean,
-        "psnr_median": psnr_median,
-        "psnr_max": psnr_max,
-        "psnr_min": psnr_min,
-        "ssim_mean": ssim_mean,
-        "ssim_median": ssim_median,
-        "ssim_max": ssim_max,
-        "lpips_mean": lpips_mean,
-        "lpips_median": lpips_median,
-        "lpips_min": lpips_min,
+        **_summaries(psnrs, ssims, lpipss),
         "label_accuracy": label_accuracy,
         "success_rate": float(np.mean([p >= success_psnr for p in psnrs])),
         "success_psnr": float(success_psnr),
@@ -354,6 +325,49 @@ def score_images(
         "rec_nonfinite_pixels": nonfinite,
         "per_image": per_image,
     }
+
+
+def _label_correct(
+    rec_labels: np.ndarray | None, true_labels: np.ndarray | None, assignment: list[int]
+) -> list[bool] | None:
+    """Per true image, whether its assigned reconstruction's label is right (None: no labels)."""
+    if rec_labels is None or true_labels is None:
+        return None
+    return [bool(x) for x in rec_labels[np.asarray(assignment)] == true_labels]
+
+
+def _lpips_distances(
+    truth: torch.Tensor,
+    rec: torch.Tensor,
+    wanted: bool,
+    device: str | torch.device,
+    backbone: str | os.PathLike[str] | None,
+) -> tuple[np.ndarray | None, str]:
+    """The LPIPS matrix D[i, j] = LPIPS(truth[i], rec[j]) and ``"ok"``, or None and why not."""
+    if not wanted:
+        return None, "disabled (lpips=False)"
+    try:
+        return lpips_matrix(truth, rec, device=device, backbone=backbone).numpy(), "ok"
+    except LpipsUnavailable as exc:
+        logger.warning("LPIPS unavailable, scoring without it (MSE assignment): %s", exc)
+        return None, f"unavailable: {exc}"
+
+
+def _summaries(
+    psnrs: list[float], ssims: list[float], lpipss: list[float] | None
+) -> dict[str, float | None]:
+    """Per-batch mean, median and worst case (max PSNR and SSIM, min LPIPS), and min PSNR."""
+    names = {
+        "psnr": (psnrs, ("mean", "median", "max", "min")),
+        "ssim": (ssims, ("mean", "median", "max")),
+        "lpips": (lpipss, ("mean", "median", "min")),
+    }
+    out: dict[str, float | None] = {}
+    for metric, (values, stats) in names.items():
+        out.update(
+            {f"{metric}_{k}": v for k, v in zip(stats, _summary(values, stats), strict=True)}
+        )
+    return out
 
 
 _MISSING = object()

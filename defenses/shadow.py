@@ -282,26 +282,8 @@ class ShadowDefense(Defense[ShadowParams]):
 
     The client trains on ``x_def``; attacks are still scored against the original images.
 
-    Deviations from the paper and ShadowDef:
-
-    * The shadow. The paper's shadow is a StyleGAN3 pretrained per dataset and fine-tuned to the
-      client's gradient (plus BN statistics) each batch; no such generator exists here, so the
-      default shadow is a short Inverting Gradients attack on the batch's FedSGD gradient (on
-      FedAvg too: the shadow inverts the gradient of the current batch, as ShadowDef's shadow
-      matches the batch's gradient). Other shadows plug in through ``shadow_model=``.
-    * The saliency term. The paper writes ``n - alpha * sign(n) * c``. With a binary ``c`` this
-      literally subtracts up to 0.5 from a softmax map of size about ``1 / (H * W)``, which would
-      put by far the most noise (negative) on the salient region, the opposite of the stated
-      intent; ShadowDef avoids it by passing ``c`` through the same pixel softmax as ``n``, which
-      makes the term almost uniform. Here ``c`` is taken in units of ``|n|``:
-      ``n - alpha * sign(n) * c * |n| = n * (1 - alpha * c)``, so salient pixels keep exactly
-      ``1 - alpha`` of their noise and its sign never flips.
-    * Error and equalisation: the paper's error is the per-channel squared error and its
-      equalisation a 256-bin luminance histogram over the batch; here the error is the channel
-      mean of the absolute error and equalisation is rank-based per image.
-    * Grad-CAM (not Grad-CAM++) for the true label; ShadowDef uses Grad-CAM++ for class 1.
-    * Momentum: ShadowDef stores the momentum map but adds the fresh one while the shadow is
-      trained; here the momentum map is what is added.
+    Where and why this deviates from the paper and ShadowDef (the shadow, the saliency term,
+    error and equalisation, Grad-CAM, momentum): ``docs/deviations.md``.
     """
 
     Params = ShadowParams

@@ -6,14 +6,18 @@ import json
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ray import tune
 
-from defenses import defense_class
 from orchestrator.config import StudyConfig
-from orchestrator.search import trial_params
+from orchestrator.search_space import defense_params, trial_params
 from orchestrator.values import finite_or_none
+
+if TYPE_CHECKING:
+    from orchestrator.results import ResultStore
+    from orchestrator.tracking import StudyTracker
+    from orchestrator.tune_searcher import RecordedFirstOptunaSearch
 
 
 def _now() -> datetime:
@@ -27,11 +31,11 @@ class StudyCallback(tune.Callback):
     def __init__(
         self,
         config: StudyConfig,
-        store: Any,
-        tracker: Any,
+        store: ResultStore,
+        tracker: StudyTracker,
         first_number: int = 0,
-        searcher: Any = None,
-    ):
+        searcher: RecordedFirstOptunaSearch | None = None,
+    ) -> None:
         self.config = config
         self.store = store
         self.tracker = tracker
@@ -48,9 +52,9 @@ class StudyCallback(tune.Callback):
         return state
 
     def _params(self, trial: Any) -> tuple[str, dict[str, Any]]:
+        """The trial's defense and every hyperparameter it ran with (defaults included)."""
         defense, params = trial_params(self.config, trial.config)
-        full = {**defense_class(defense).defaults(), **params}
-        return defense, full
+        return defense, defense_params(self.config, defense, params, with_defaults=True)
 
     def _base_row(self, trial: Any, status: str) -> dict[str, Any]:
         defense, params = self._params(trial)

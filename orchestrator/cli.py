@@ -76,7 +76,7 @@ def cmd_study(args: argparse.Namespace) -> int:
 def cmd_trial(args: argparse.Namespace) -> int:
     """Run one trial in-process (no Ray) and print its results as JSON."""
     from defenses import defense_class
-    from orchestrator.search import _clip
+    from orchestrator.search_space import default_point, defense_params
     from orchestrator.trial import run_trial
 
     sets = _parse_sets(args.set or [])
@@ -89,10 +89,8 @@ def cmd_trial(args: argparse.Namespace) -> int:
         raise StudyFileError(
             f"--set defense={defense}: not one of the study's defenses ({', '.join(cfg.defenses)})"
         )
-    params: dict[str, Any] = dict(cfg.constants(defense))
+    searched = default_point(cfg, defense)
     defaults = defense_class(defense).defaults()
-    for key, spec in cfg.search_ranges()[defense].items():
-        params[key] = _clip(spec, defaults[key])
     for key, value in sets.items():
         head, _, tail = key.partition(".")
         if head == defense and tail:
@@ -101,9 +99,10 @@ def cmd_trial(args: argparse.Namespace) -> int:
                     f"--set {key}: defense {defense!r} has no hyperparameter {tail!r}; "
                     f"hyperparameters: {', '.join(defaults)}"
                 )
-            params[tail] = value
+            searched[tail] = value
         else:
             raw_overrides[key] = value
+    params = defense_params(cfg, defense, searched)
     if raw_overrides:
         cfg = load_study(args.file, raw_overrides)
     image_dir = Path(args.images) if args.images else None
@@ -150,8 +149,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     """Write the report (HTML, Markdown, the front's plot) from a study's files."""
     from orchestrator.report import report
 
-    html_path, md_path = report(Path(args.dir), utility_loss=args.utility_loss)
-    print(f"report: {html_path} and {md_path}")
+    report(Path(args.dir), utility_loss=args.utility_loss)  # prints where it wrote
     return 0
 
 

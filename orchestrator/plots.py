@@ -87,22 +87,7 @@ def pareto_plot(
     if len(objectives) < 2:
         raise ValueError("pareto_plot needs two objectives (utility on x, privacy on y)")
     x_obj, y_obj = objectives[0], objectives[1]
-    for column in (x_obj.metric, y_obj.metric, defense_col):
-        if column not in df.columns:
-            raise KeyError(f"column {column!r} not in the frame (columns: {list(df.columns)})")
-    if status_col is not None:
-        if status_col not in df.columns:
-            raise KeyError(f"status column {status_col!r} not in the frame")
-        data = df[df[status_col] == "completed"]
-    else:
-        data = df
-    xs = data[x_obj.metric].to_numpy(dtype=float, na_value=np.nan)
-    ys = data[y_obj.metric].to_numpy(dtype=float, na_value=np.nan)
-    defenses = np.array(["?" if pd.isna(d) else str(d) for d in data[defense_col]], dtype=object)
-    valid = np.isfinite(xs) & np.isfinite(ys)
-    skipped = int((~valid).sum())
-    xs, ys, defenses = xs[valid], ys[valid], defenses[valid]
-
+    xs, ys, defenses, skipped = _plottable(df, x_obj, y_obj, defense_col, status_col)
     fig = Figure(figsize=(7.0, 5.0), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
@@ -118,61 +103,15 @@ def pareto_plot(
             label=f"{name} ({int(sel.sum())})",
             zorder=3,
         )
-    is_control = defenses == control
-    if is_control.any():
-        ax.scatter(
-            xs[is_control],
-            ys[is_control],
-            marker="*",
-            s=260,
-            color="black",
-            label=f"{control} (control)",
-            zorder=5,
-        )
-        ax.autoscale_view()
-        left, right = ax.get_xlim()
-        for x, y in zip(xs[is_control], ys[is_control], strict=True):
-            # label on the side with more room so it stays inside the axes
-            on_right = right == left or (x - left) / (right - left) < 0.6
-            ax.annotate(
-                f"{control} (no defense)",
-                xy=(x, y),
-                xytext=(9, 6) if on_right else (-9, 6),
-                textcoords="offset points",
-                ha="left" if on_right else "right",
-                fontsize=8,
-                zorder=6,
-            )
+    _draw_control(ax, xs[defenses == control], ys[defenses == control], control)
     if len(xs):
-        modes = [x_obj.mode, y_obj.mode]
-        front = pareto_mask(np.column_stack([xs, ys]), modes)
-        vx, vy = _staircase(xs[front], ys[front], modes)
-        ax.plot(vx, vy, color="0.2", lw=1.4, zorder=2, label=f"Pareto front ({int(front.sum())})")
-        ax.scatter(
-            xs[front], ys[front], s=110, facecolors="none", edgecolors="0.2", lw=1.0, zorder=4
-        )
-        ax.legend(fontsize="small", loc="best", framealpha=0.9)
+        _draw_front(ax, xs, ys, [x_obj.mode, y_obj.mode])
     else:
-        ax.text(
-            0.5,
-            0.5,
-            "no completed trial has both objective values",
-            transform=ax.transAxes,
-            ha="center",
-            va="center",
-            color="0.4",
-        )
+        note = "no completed trial has both objective values"
+        ax.text(0.5, 0.5, note, transform=ax.transAxes, **_NOTE_CENTRE)
     if skipped:
-        ax.text(
-            0.99,
-            0.01,
-            f"{skipped} trial(s) without both values not shown",
-            transform=ax.transAxes,
-            ha="right",
-            va="bottom",
-            fontsize=7,
-            color="0.4",
-        )
+        note = f"{skipped} trial(s) without both values not shown"
+        ax.text(0.99, 0.01, note, transform=ax.transAxes, **_NOTE_CORNER)
     ax.set_xlabel(_axis_label(x_obj, "x"))
     ax.set_ylabel(_axis_label(y_obj, "y"))
     ax.set_title(
@@ -181,11 +120,68 @@ def pareto_plot(
         else f"Privacy–utility trade-off ({len(xs)} trial{'' if len(xs) == 1 else 's'})"
     )
     ax.grid(True, alpha=0.3)
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=_DPI))
     return path
+
+
+_NOTE_CENTRE: dict[str, Any] = {"ha": "center", "va": "center", "color": "0.4"}
+_NOTE_CORNER: dict[str, Any] = {"ha": "right", "va": "bottom", "fontsize": 7, "color": "0.4"}
+
+
+def _plottable(
+    df: pd.DataFrame,
+    x_obj: Objective,
+    y_obj: Objective,
+    defense_col: str,
+    status_col: str | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """The completed trials' two objectives and defenses where both values are finite, and
+    how many trials were left out for a missing value."""
+    for column in (x_obj.metric, y_obj.metric, defense_col):
+        if column not in df.columns:
+            raise KeyError(f"column {column!r} not in the frame (columns: {list(df.columns)})")
+    if status_col is not None:
+        if status_col not in df.columns:
+            raise KeyError(f"status column {status_col!r} not in the frame")
+        data = df[df[status_col] == "completed"]
+    else:
+        data = df
+    xs = data[x_obj.metric].to_numpy(dtype=float, na_value=np.nan)
+    ys = data[y_obj.metric].to_numpy(dtype=float, na_value=np.nan)
+    defenses = np.array(["?" if pd.isna(d) else str(d) for d in data[defense_col]], dtype=object)
+    valid = np.isfinite(xs) & np.isfinite(ys)
+    return xs[valid], ys[valid], defenses[valid], int((~valid).sum())
+
+
+def _draw_control(ax: Any, xs: np.ndarray, ys: np.ndarray, control: str) -> None:
+    """The control trials as black stars, labelled on the side with more room."""
+    if not len(xs):
+        return
+    ax.scatter(xs, ys, marker="*", s=260, color="black", label=f"{control} (control)", zorder=5)
+    ax.autoscale_view()
+    left, right = ax.get_xlim()
+    for x, y in zip(xs, ys, strict=True):
+        on_right = right == left or (x - left) / (right - left) < 0.6
+        ax.annotate(
+            f"{control} (no defense)",
+            xy=(x, y),
+            xytext=(9, 6) if on_right else (-9, 6),
+            textcoords="offset points",
+            ha="left" if on_right else "right",
+            fontsize=8,
+            zorder=6,
+        )
+
+
+def _draw_front(ax: Any, xs: np.ndarray, ys: np.ndarray, modes: list[str]) -> None:
+    """The Pareto front of the plotted trials: a staircase and rings, and the legend."""
+    front = pareto_mask(np.column_stack([xs, ys]), modes)
+    vx, vy = _staircase(xs[front], ys[front], modes)
+    ax.plot(vx, vy, color="0.2", lw=1.4, zorder=2, label=f"Pareto front ({int(front.sum())})")
+    ax.scatter(xs[front], ys[front], s=110, facecolors="none", edgecolors="0.2", lw=1.0, zorder=4)
+    ax.legend(fontsize="small", loc="best", framealpha=0.9)
 
 
 def _fmt(value: Any) -> str:

@@ -17,7 +17,7 @@ import optuna
 import pandas as pd
 
 from orchestrator.config import StudyConfig
-from orchestrator.search import TUNE_TRIAL_ID
+from orchestrator.search_space import TUNE_TRIAL_ID
 from orchestrator.values import is_missing
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import pandas as pd
 
+from orchestrator.analysis import Analysis
 from orchestrator.config import StudyConfig, StudyFileError, load_study
 from orchestrator.plots import pareto_plot
 from orchestrator.results import atomic_write
@@ -127,9 +128,16 @@ def _params(row: pd.Series) -> str:
     return ", ".join(items) or "defaults"
 
 
+Section = tuple[str, str, str]  # (title, html, markdown)
+
+
 def report(folder: Path, *, utility_loss: float = 0.01) -> tuple[Path, Path]:
     """Write ``report.html``, ``report.md`` and the front's plot ``report_pareto.png`` from a
-    study's files, which it only reads (the front is recomputed in memory)."""
+    study's files, which it only reads (the front is recomputed in memory).
+
+    Raises:
+        StudyFileError: ``folder`` is not a study's output folder.
+    """
     from orchestrator.analysis import analyse
     from orchestrator.results import ResultStore
     from orchestrator.summary import objectives_of
@@ -143,12 +151,20 @@ def report(folder: Path, *, utility_loss: float = 0.01) -> tuple[Path, Path]:
     store = ResultStore(folder)
     results = analyse(objectives_of(cfg), store.trials())
     df = results.trials
-    attacks = store.attacks()
-    utility, privacy = _objectives(cfg)
-    obj_cols = [o.metric for o in cfg.objectives]
-    sections: list[tuple[str, str, str]] = []  # (title, html, markdown)
+    choices = best_within_budget(df, cfg, utility_loss)
+    sections: list[Section] = [
+        _settings_section(cfg),
+        *_front_sections(cfg, folder, results),
+        _best_section(cfg, choices, utility_loss),
+        _grids_section(cfg, folder, choices),
+        _success_section(cfg, df, store.attacks()),
+        _cost_section(cfg, df),
+    ]
+    return _write_pages(cfg, folder, sections)
 
-    # settings
+
+def _settings_section(cfg: StudyConfig) -> Section:
+    """The study's settings as a table."""
     f = cfg.federation
     settings = [
         ["dataset", f"{cfg.data.dataset} ({cfg.data.image_size or 'native'} px)"],
@@ -174,15 +190,20 @@ def report(folder: Path, *, utility_loss: float = 0.01) -> tuple[Path, Path]:
             f"{cfg.search.concurrency}, seed {cfg.seed}",
         ],
     ]
-    sections.append(
-        (
-            "Settings",
-            _table_html(["setting", "value"], settings),
-            _table_md(["setting", "value"], settings),
-        )
+    return (
+        "Settings",
+        _table_html(["setting", "value"], settings),
+        _table_md(["setting", "value"], settings),
     )
 
-    # pareto plot and front
+
+def _front_sections(cfg: StudyConfig, folder: Path, results: Analysis) -> list[Section]:
+    """The front's plot (drawn to ``report_pareto.png``) and its trials."""
+    from orchestrator.summary import objectives_of
+
+    df = results.trials
+    obj_cols = [o.metric for o in cfg.objectives]
+    sections: list[Section] = []
     plot = folder / "report_pareto.png"
     if results.completed:
         pareto_plot(df, objectives_of(cfg), plot, title=f"{cfg.study}: Pareto front")
@@ -212,8 +233,12 @@ def report(folder: Path, *, utility_loss: float = 0.01) -> tuple[Path, Path]:
     ]
     sections.append(("Pareto-optimal trials", _table_html(headers, rows), _table_md(headers, rows)))
 
-    # best per defense within the utility budget
-    choices = best_within_budget(df, cfg, utility_loss)
+    return sections
+
+
+def _best_section(cfg: StudyConfig, choices: list[Choice], utility_loss: float) -> Section:
+    """Each defense's best trial within ``utility_loss`` of the control."""
+    utility, privacy = _objectives(cfg)
     headers = [
         "defense",
         "trial",
@@ -238,9 +263,11 @@ def report(folder: Path, *, utility_loss: float = 0.01) -> tuple[Path, Path]:
         for c in choices
     ]
     title = f"Best trial per defense within {utility_loss:g} {utility.metric} of the control"
-    sections.append((title, _table_html(headers, rows), _table_md(headers, rows)))
+    return (title, _table_html(headers, rows), _table_md(headers, rows))
 
-    # reconstruction grids
+
+def _grids_section(cfg: StudyConfig, folder: Path, choices: list[Choice]) -> Section:
+    """The reconstruction grids of each defense's best trial, or why there are none."""
     grid_html, grid_md = [], []
     for c in choices:
         if c.trial is None:
@@ -255,24 +282,21 @@ def report(folder: Path, *, utility_loss: float = 0.01) -> tuple[Path, Path]:
             rel = path.relative_to(folder)
             grid_md.append(f"![{caption}]({rel.as_posix()})")
     if grid_html:
-        sections.append(
-            (
-                "Reconstructions (ground truth above, reconstruction below)",
-                "".join(grid_html),
-                "\n\n".join(grid_md),
-            )
+        return (
+            "Reconstructions (ground truth above, reconstruction below)",
+            "".join(grid_html),
+            "\n\n".join(grid_md),
         )
-    else:
-        why = (
-            "tracking.log_images is 'none'"
-            if cfg.tracking.log_images == "none"
-            else "no image grids were found"
-        )
-        sections.append(
-            ("Reconstructions", f"<p>Not shown: {html.escape(why)}.</p>", f"Not shown: {why}.")
-        )
+    why = (
+        "tracking.log_images is 'none'"
+        if cfg.tracking.log_images == "none"
+        else "no image grids were found"
+    )
+    return ("Reconstructions", f"<p>Not shown: {html.escape(why)}.</p>", f"Not shown: {why}.")
 
-    # attack success rates
+
+def _success_section(cfg: StudyConfig, df: pd.DataFrame, attacks: pd.DataFrame) -> Section:
+    """Per defense and attack over the completed trials: images, success rate, PSNR, SSIM."""
     rows = []
     if not attacks.empty:
         done_ids = set(df.loc[df["status"] == "completed", "trial_id"])
@@ -308,11 +332,15 @@ def report(folder: Path, *, utility_loss: float = 0.01) -> tuple[Path, Path]:
         "PSNR max",
         "SSIM max",
     ]
-    sections.append(
-        ("Attack success rates (all trials)", _table_html(headers, rows), _table_md(headers, rows))
+    return (
+        "Attack success rates (all trials)",
+        _table_html(headers, rows),
+        _table_md(headers, rows),
     )
 
-    # cost
+
+def _cost_section(cfg: StudyConfig, df: pd.DataFrame) -> Section:
+    """Trials run and their compute, in CPU- or GPU-hours."""
     done = df[df["status"] == "completed"]
     seconds = (
         float(
@@ -333,8 +361,11 @@ def report(folder: Path, *, utility_loss: float = 0.01) -> tuple[Path, Path]:
             f"{seconds / 3600 * per_trial:.3g} {unit}",
         ],
     ]
-    sections.append(("Cost", _table_html(["", ""], cost), _table_md(["", ""], cost)))
+    return ("Cost", _table_html(["", ""], cost), _table_md(["", ""], cost))
 
+
+def _write_pages(cfg: StudyConfig, folder: Path, sections: list[Section]) -> tuple[Path, Path]:
+    """``report.html`` (self-contained) and ``report.md``, each written atomically."""
     css = (
         "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;"
         "color:#222}table{border-collapse:collapse;margin:1em 0;font-size:14px}"

@@ -31,7 +31,7 @@ from orchestrator.analysis import StudyResults
 from orchestrator.config import StudyConfig, dump_study, load_study
 from orchestrator.reconcile import Reconciled, reconcile
 from orchestrator.results import ResultStore
-from orchestrator.search import (
+from orchestrator.search_space import (
     define_by_run,
     initial_points,
     make_sampler,
@@ -361,7 +361,7 @@ def _fit(tuner: Any, tracker: StudyTracker, folder: Path, output: Path | None) -
 
 
 def _searcher(cfg: StudyConfig, storage: str, points: list[dict]) -> Any:
-    from orchestrator.searcher import RecordedFirstOptunaSearch
+    from orchestrator.tune_searcher import RecordedFirstOptunaSearch
 
     return RecordedFirstOptunaSearch(
         space=define_by_run(cfg),

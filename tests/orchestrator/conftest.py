@@ -118,3 +118,36 @@ _DELETE = _Delete()
 @pytest.fixture
 def delete() -> _Delete:
     return _DELETE
+
+
+@pytest.fixture
+def unit_config() -> Any:
+    """A valid study config for unit tests of the orchestration logic: no data is read, so it
+    needs neither ../shared nor Ray."""
+    from orchestrator.config import StudyConfig
+
+    return StudyConfig.model_validate(
+        {
+            "study": "unit",
+            "seed": 0,
+            "data": {"dataset": "pneumoniamnist", "root": "/nonexistent", "image_size": 16},
+            "model": {"name": "mlp", "hidden": [8]},
+            "federation": {
+                "algorithm": "fedsgd",
+                "clients": 2,
+                "clients_per_round": 2,
+                "rounds": 1,
+            },
+            "defenses": {
+                "none": {},
+                "prune": {"percent": {"type": "float", "low": 10, "high": 90}},
+                "gradient_noise": {},
+            },
+            "attacks": [{"name": "idlg", "rounds": [0], "params": {"iterations": 1}}],
+            "objectives": [
+                {"metric": "test_accuracy", "mode": "max"},
+                {"metric": "attack_psnr_max", "mode": "min"},
+            ],
+            "search": {"sampler": "random", "trials": 6},
+        }
+    )

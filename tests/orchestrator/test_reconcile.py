@@ -9,33 +9,8 @@ import optuna
 import pandas as pd
 import pytest
 
-from orchestrator.config import StudyConfig
 from orchestrator.reconcile import objective_values, reconcile
-from orchestrator.search import TUNE_TRIAL_ID
-
-
-def _config() -> StudyConfig:
-    return StudyConfig.model_validate(
-        {
-            "study": "unit",
-            "seed": 0,
-            "data": {"dataset": "pneumoniamnist", "root": "/nonexistent", "image_size": 16},
-            "model": {"name": "mlp", "hidden": [8]},
-            "federation": {
-                "algorithm": "fedsgd",
-                "clients": 2,
-                "clients_per_round": 2,
-                "rounds": 1,
-            },
-            "defenses": {"none": {}, "prune": {}, "gradient_noise": {}},
-            "attacks": [{"name": "idlg", "rounds": [0], "params": {"iterations": 1}}],
-            "objectives": [
-                {"metric": "test_accuracy", "mode": "max"},
-                {"metric": "attack_psnr_max", "mode": "min"},
-            ],
-            "search": {"sampler": "random", "trials": 6},
-        }
-    )
+from orchestrator.search_space import TUNE_TRIAL_ID
 
 
 class FakeStore:
@@ -73,8 +48,8 @@ def _row(tid: str, status: str, defense: str, acc: float | None, psnr: float | N
     }
 
 
-def test_resume_settles_every_record() -> None:
-    cfg = _config()
+def test_resume_settles_every_record(unit_config) -> None:
+    cfg = unit_config
     storage = optuna.storages.InMemoryStorage()
     study = optuna.create_study(study_name="unit", storage=storage, directions=["maximize"] * 2)
     recorded, interrupted, enqueued = study.ask(), study.ask(), None
@@ -104,8 +79,8 @@ def test_resume_settles_every_record() -> None:
     assert trials[enqueued.number].state == optuna.trial.TrialState.WAITING
 
 
-def test_a_recorded_trial_without_its_objectives_runs_again() -> None:
-    cfg = _config()
+def test_a_recorded_trial_without_its_objectives_runs_again(unit_config) -> None:
+    cfg = unit_config
     storage = optuna.storages.InMemoryStorage()
     study = optuna.create_study(study_name="unit", storage=storage, directions=["maximize"] * 2)
     trial = study.ask()
@@ -116,9 +91,9 @@ def test_a_recorded_trial_without_its_objectives_runs_again() -> None:
     assert state.done == 1 and state.points == [{"defense": "prune"}]
 
 
-def test_no_optuna_study_yet_keeps_the_points_not_run() -> None:
+def test_no_optuna_study_yet_keeps_the_points_not_run(unit_config) -> None:
     state = reconcile(
-        _config(),
+        unit_config,
         FakeStore([_row("t1", "completed", "none", 0.9, 30.0)]),
         FakeTracker(),
         optuna.storages.InMemoryStorage(),
@@ -135,5 +110,5 @@ def test_no_optuna_study_yet_keeps_the_points_not_run() -> None:
         ({"test_accuracy": 0.5}, None),
     ],
 )
-def test_objective_values(row: dict, expected: list[float] | None) -> None:
-    assert objective_values(_config(), row) == expected
+def test_objective_values(unit_config, row: dict, expected: list[float] | None) -> None:
+    assert objective_values(unit_config, row) == expected

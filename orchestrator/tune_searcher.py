@@ -6,7 +6,7 @@ from typing import Any
 
 from ray.tune.search.optuna import OptunaSearch
 
-from orchestrator.search import TUNE_TRIAL_ID
+from orchestrator.search_space import TUNE_TRIAL_ID
 
 
 class RecordedFirstOptunaSearch(OptunaSearch):  # type: ignore[misc]

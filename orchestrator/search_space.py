@@ -11,7 +11,7 @@ from orchestrator.config import StudyConfig
 
 TUNE_TRIAL_ID = "tune_trial_id"
 """Optuna user attribute holding the Ray Tune trial id of an Optuna trial (set by
-:class:`orchestrator.searcher.RecordedFirstOptunaSearch`)."""
+:class:`orchestrator.tune_searcher.RecordedFirstOptunaSearch`)."""
 
 SAMPLERS = {
     "nsga2": lambda seed: optuna.samplers.NSGAIISampler(seed=seed),
@@ -63,26 +63,44 @@ def _clip(spec: ParamSpec, value: Any) -> Any:
     return round(v) if spec.type == "int" else v
 
 
+def default_point(config: StudyConfig, defense: str) -> dict[str, Any]:
+    """The searched hyperparameters of ``defense`` at its defaults, clipped into the study's
+    range where a default lies outside it."""
+    defaults = defense_class(defense).defaults()
+    return {
+        key: _clip(spec, defaults[key]) for key, spec in config.search_ranges()[defense].items()
+    }
+
+
 def initial_points(config: StudyConfig) -> list[dict[str, Any]]:
     """The first trials: the ``none`` control (when listed) and every defense at its defaults
-    (clipped into the study's range where the default lies outside it)."""
+    (:func:`default_point`)."""
     order = sorted(config.defenses, key=lambda d: (d != "none", list(config.defenses).index(d)))
     points = []
     for defense in order:
-        point: dict[str, Any] = {"defense": defense}
-        defaults = defense_class(defense).defaults()
-        for key, spec in config.search_ranges()[defense].items():
-            point[f"{defense}.{key}"] = _clip(spec, defaults[key])
-        points.append(point)
+        searched = default_point(config, defense)
+        points.append({"defense": defense, **{f"{defense}.{k}": v for k, v in searched.items()}})
     return points[: config.search.trials]
 
 
+def defense_params(
+    config: StudyConfig,
+    defense: str,
+    searched: dict[str, Any] | None = None,
+    *,
+    with_defaults: bool = False,
+) -> dict[str, Any]:
+    """A trial's hyperparameters for ``defense``: the study's constants, then the ``searched``
+    values (by hyperparameter name); over every default of the defense when ``with_defaults``
+    (what is recorded), else only what the study sets (what the defense is built with)."""
+    base = defense_class(defense).defaults() if with_defaults else {}
+    return {**base, **config.constants(defense), **(searched or {})}
+
+
 def trial_params(config: StudyConfig, tune_config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """The defense and its hyperparameters (study constants + searched values) of a trial."""
+    """The defense and its hyperparameters (study constants + searched values) of a Ray Tune
+    trial's configuration (``defense`` and ``<defense>.<hyperparameter>`` keys)."""
     defense = str(tune_config["defense"])
-    params = dict(config.constants(defense))
     prefix = defense + "."
-    for key, value in tune_config.items():
-        if key.startswith(prefix):
-            params[key[len(prefix) :]] = value
-    return defense, params
+    searched = {k[len(prefix) :]: v for k, v in tune_config.items() if k.startswith(prefix)}
+    return defense, defense_params(config, defense, searched)

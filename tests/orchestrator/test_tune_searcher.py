@@ -10,9 +10,9 @@ import pandas as pd
 
 from orchestrator.reconcile import reconcile
 from orchestrator.results import ResultStore
-from orchestrator.search import TUNE_TRIAL_ID, define_by_run
-from orchestrator.searcher import RecordedFirstOptunaSearch
+from orchestrator.search_space import TUNE_TRIAL_ID, define_by_run
 from orchestrator.tracking import TRIAL_TAG, StudyTracker
+from orchestrator.tune_searcher import RecordedFirstOptunaSearch
 
 
 def test_success_reaches_optuna_only_when_released(completed_study) -> None:
