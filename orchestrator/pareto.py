@@ -98,6 +98,19 @@ def pareto_mask(values: np.ndarray | Sequence[Sequence[float]], modes: Sequence[
     return mask
 
 
+def completed_rows(df: pd.DataFrame, status_col: str | None = "status") -> pd.DataFrame:
+    """The rows whose ``status_col`` is ``"completed"`` (``status_col=None``: all rows).
+
+    Raises:
+        KeyError: ``status_col`` is not a column of ``df``.
+    """
+    if status_col is None:
+        return df
+    if status_col not in df.columns:
+        raise KeyError(f"status column {status_col!r} not in the frame")
+    return df[df[status_col] == "completed"]
+
+
 def pareto_front(
     df: pd.DataFrame,
     objectives: Sequence[Objective],
@@ -118,12 +131,7 @@ def pareto_front(
         raise KeyError(
             f"objective columns {missing} not in the frame (columns: {list(df.columns)})"
         )
-    if status_col is not None:
-        if status_col not in df.columns:
-            raise KeyError(f"status column {status_col!r} not in the frame")
-        candidates = df[df[status_col] == "completed"]
-    else:
-        candidates = df
+    candidates = completed_rows(df, status_col)
     values = candidates[columns].to_numpy(dtype=float, na_value=np.nan)
     front = candidates[pareto_mask(values, [o.mode for o in objectives])]
     return front.sort_values(

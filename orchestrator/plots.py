@@ -21,7 +21,7 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from orchestrator.pareto import Objective, pareto_mask
+from orchestrator.pareto import Objective, completed_rows, pareto_mask
 from orchestrator.results import PARAM_PREFIX, atomic_write
 from orchestrator.values import is_missing
 
@@ -142,12 +142,7 @@ def _plottable(
     for column in (x_obj.metric, y_obj.metric, defense_col):
         if column not in df.columns:
             raise KeyError(f"column {column!r} not in the frame (columns: {list(df.columns)})")
-    if status_col is not None:
-        if status_col not in df.columns:
-            raise KeyError(f"status column {status_col!r} not in the frame")
-        data = df[df[status_col] == "completed"]
-    else:
-        data = df
+    data = completed_rows(df, status_col)
     xs = data[x_obj.metric].to_numpy(dtype=float, na_value=np.nan)
     ys = data[y_obj.metric].to_numpy(dtype=float, na_value=np.nan)
     defenses = np.array(["?" if pd.isna(d) else str(d) for d in data[defense_col]], dtype=object)
