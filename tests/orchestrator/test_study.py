@@ -103,6 +103,13 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def _default_sigint() -> None:
+    """In the driver's child process: SIGINT as in a terminal. A shell starts background jobs
+    with SIGINT ignored, and a process inherits that (seen: pytest started with ``&`` made the
+    driver ignore the test's Ctrl-C and finish the study)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start_study(path: Path) -> tuple[subprocess.Popen, Path]:
     """Run ``python -m orchestrator study PATH`` in its own process group; its stderr goes to
     a file beside the study file (a pipe nobody reads could fill and block the driver)."""
@@ -112,6 +119,7 @@ def _start_study(path: Path) -> tuple[subprocess.Popen, Path]:
             [sys.executable, "-m", "orchestrator", "study", str(path)],
             cwd=ROOT,
             start_new_session=True,
+            preexec_fn=_default_sigint,
             stdout=subprocess.DEVNULL,
             stderr=stream,
         )
@@ -433,15 +441,14 @@ def test_unreachable_tracking_server_and_ray_address_are_one_line_errors(
 def test_ctrl_c_stops_the_study_cleanly_and_says_how_to_resume(tiny_study) -> None:
     """SIGINT to the driver's process group (what Ctrl-C does) mid-study: exit status 130, the
     resume command printed, no traceback; ``--resume`` then completes the study. Inverting
-    Gradients with 6,000 iterations makes each trial last ~4 s: with reused workers the tiny
-    study's own trials take ~0.2 s, too short to be caught mid-study (at 3,000 iterations, ~2 s,
-    a loaded machine once let the last trial finish before the signal landed)."""
+    Gradients with 3,000 iterations makes each trial last ~2 s: with reused workers the tiny
+    study's own trials take ~0.2 s, too short to be caught mid-study."""
     slow_attack = [
         {
             "name": "inverting_gradients",
             "rounds": [0],
             "victims": 1,
-            "params": {"iterations": 6000},
+            "params": {"iterations": 3000},
         }
     ]
     path = tiny_study({"search.concurrency": 1, "attacks": slow_attack})

@@ -94,7 +94,7 @@ def test_the_cycle_finder_finds_a_cycle() -> None:
 @pytest.mark.slow
 def test_every_module_imports_on_its_own_in_a_fresh_interpreter() -> None:
     failures = {}
-    for name in MODULES:
+    for name in (m for m in MODULES if not m.endswith("__main__")):  # those run a program
         done = subprocess.run(
             [sys.executable, "-c", f"import {name}"], capture_output=True, text=True, cwd=ROOT
         )
