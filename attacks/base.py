@@ -14,6 +14,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from attacks.convolution import ExactConvolutions, exact_convolutions
+from attacks.metrics import flat_value
 from attacks.reconstruction import Reconstruction
 from attacks.threat import AttackerCapabilities, Requirements
 from fl.simulation.normalization import denormalize
@@ -85,7 +86,8 @@ def build_reconstruction(
     name: str, obs: Observation, best: Attempt, seconds: float, restart_losses: list[float]
 ) -> Reconstruction:
     """The :class:`Reconstruction` of a chosen attempt: images denormalised to [0, 1] and
-    clamped, images and labels on the CPU."""
+    clamped, images and labels on the CPU, and the observation's flat baseline value
+    (:func:`attacks.metrics.flat_value`) for scoring's ``psnr_gain``."""
     images = denormalize(best.inputs.detach(), obs.mean, obs.std).clamp(0, 1).cpu()
     return Reconstruction(
         images=images,
@@ -98,6 +100,7 @@ def build_reconstruction(
         restart_losses=restart_losses,
         label_source=best.label_source,
         extras=best.extras,
+        flat_value=flat_value(obs.mean, obs.std),
     )
 
 

@@ -27,6 +27,14 @@ uses one protocol for every attack and defense:
 5. Per-batch summaries (see :func:`score_images`) plus ``per_image`` records and ``assignment``.
    When LPIPS is unavailable or disabled, the LPIPS entries are ``None`` and ``lpips_status`` says
    why; a randomly initialised backbone is never used.
+6. A trivial-image baseline: PSNR depends on the image (a flat grey image already scores about
+   12 dB on fundus photographs), so every PSNR is also reported as ``psnr_gain`` = PSNR minus the
+   PSNR of a *flat* image against the same true image, computed by :func:`flat_image_psnr` with
+   the protocol above (clamped to [0, 1], data range 1, capped at :data:`PSNR_CAP`). The flat
+   image's per-channel value is public, never the truth: the observation's input normalisation
+   mean (the training set's per-channel mean in [0, 1]), or :data:`FLAT_VALUE` (0.5) when the
+   observation does not normalise (see :func:`flat_value`). A gain of 0 dB means the attack did
+   no better than painting the dataset mean; a perfect reconstruction gains ``100 - flat PSNR``.
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ import logging
 import math
 import os
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -46,8 +54,11 @@ from attacks.lpips_net import LpipsUnavailable, lpips_matrix
 
 __all__ = [
     "DEFAULT_SUCCESS_PSNR",
+    "FLAT_VALUE",
     "PSNR_CAP",
     "SSIM_WIN_SIZE",
+    "flat_image_psnr",
+    "flat_value",
     "match",
     "psnr",
     "score",
@@ -66,7 +77,12 @@ DEFAULT_SUCCESS_PSNR = 20.0
 SSIM_WIN_SIZE = 7
 """SSIM uniform window side (px); smaller images use the largest odd side that fits."""
 
+FLAT_VALUE = 0.5
+"""Per-channel value (mid grey) of the flat baseline image for inputs without normalisation."""
+
 CostName = Literal["lpips", "mse"]
+FlatValue = float | Sequence[float]
+"""A flat image's value: one number for every channel, or one per channel, in [0, 1]."""
 
 
 # --------------------------------------------------------------------------- input handling
@@ -169,6 +185,79 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> float:
     return _ssim_np(_single_image(a, "a"), _single_image(b, "b"))
 
 
+# --------------------------------------------------------------------------- flat baseline
+
+
+def flat_value(mean: Sequence[float], std: Sequence[float]) -> tuple[float, ...]:
+    """The flat baseline image's per-channel value for an input normalisation ``mean``/``std``.
+
+    The normalisation ``mean`` (the training set's per-channel mean, in [0, 1] image units) when
+    the model's input is normalised; ``(FLAT_VALUE,)`` (0.5) when it is not, which an observation
+    says with an empty ``mean`` or with ``mean`` all 0.0 and ``std`` all 1.0 (the defaults of
+    :func:`fl.simulation.simulator.observe_client_step`). Public facts only: it never looks at
+    the private images.
+
+    Args:
+        mean: per-channel normalisation mean (``Observation.mean``).
+        std: per-channel normalisation standard deviation (``Observation.std``).
+
+    Raises:
+        ValueError: a mean value is not finite.
+
+    Example:
+        >>> flat_value((0.3,), (0.2,)), flat_value((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+        ((0.3,), (0.5,))
+    """
+    values = tuple(float(m) for m in mean)
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"normalisation mean must be finite, got {values}")
+    if not values or (all(v == 0.0 for v in values) and all(float(s) == 1.0 for s in std)):
+        return (FLAT_VALUE,)
+    return values
+
+
+def _flat_channels(value: FlatValue, channels: int) -> np.ndarray:
+    """``value`` as ``channels`` float64 entries in [0, 1] (one number is broadcast)."""
+    arr = np.asarray(value, dtype=np.float64).reshape(-1)
+    if arr.size == 1:
+        arr = np.repeat(arr, channels)
+    if arr.size != channels:
+        raise ValueError(f"flat value has {arr.size} entries for images with {channels} channels")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"flat value must be finite, got {arr.tolist()}")
+    return np.clip(arr, 0.0, 1.0)
+
+
+def _flat_psnrs(truth: torch.Tensor, channels: np.ndarray) -> list[float]:
+    """Per image of a clamped (B, C, H, W) float64 truth batch, the PSNR of the flat image with
+    per-channel values ``channels`` (from :func:`_flat_channels`)."""
+    truth_np = truth.permute(0, 2, 3, 1).numpy()
+    flat = np.broadcast_to(channels, truth_np.shape[1:])
+    return [_psnr_np(flat, truth_np[i]) for i in range(truth_np.shape[0])]
+
+
+def flat_image_psnr(true_images: torch.Tensor, value: FlatValue = FLAT_VALUE) -> list[float]:
+    """PSNR (dB) of a flat image at ``value`` against each true image: the ``psnr_gain`` baseline.
+
+    Same protocol as every PSNR here (images clamped to [0, 1], data range 1, capped at
+    :data:`PSNR_CAP`); ``value`` is clamped to [0, 1] too.
+
+    Args:
+        true_images: (B, C, H, W) ground truth in [0, 1].
+        value: the flat image's value, one number or one per channel (see :func:`flat_value`).
+
+    Raises:
+        ValueError: wrong shape, non-finite truth or value, or a per-channel value whose length
+            is neither 1 nor C.
+
+    Example:
+        >>> flat_image_psnr(torch.zeros(1, 1, 8, 8), 0.1)  # MSE 0.01
+        [20.0]
+    """
+    truth = _truth_batch(true_images)
+    return _flat_psnrs(truth, _flat_channels(value, truth.shape[1]))
+
+
 # --------------------------------------------------------------------------- assignment
 
 
@@ -258,31 +347,47 @@ def score_images(
     lpips: bool = True,
     device: str | torch.device = "cpu",
     lpips_backbone: str | os.PathLike[str] | None = None,
+    flat: FlatValue = FLAT_VALUE,
 ) -> dict[str, Any]:
     """Score a batch of reconstructions against ground truth with the Obscura protocol.
 
     ``rec_images`` and ``true_images`` are (B, C, H, W) in [0, 1]; labels are (B,) integer
     tensors or None. ``lpips=False`` skips LPIPS (then the assignment uses MSE); ``device`` is
     where the LPIPS network runs, ``lpips_backbone`` its AlexNet backbone file (None: as
-    :func:`attacks.lpips_net.configure` resolves it). Returns a dict with
+    :func:`attacks.lpips_net.configure` resolves it); ``flat`` the value of the flat baseline
+    image ``psnr_gain`` is measured against (see :func:`flat_value`). Returns a dict with
 
     * ``n_images``, ``assignment_cost`` (``"lpips"``/``"mse"``), ``assignment`` (list[int],
       assignment[i] = reconstruction matched to true image i);
-    * ``psnr_mean, psnr_median, psnr_max, psnr_min, ssim_mean, ssim_median, ssim_max,
-      lpips_mean, lpips_median, lpips_min`` (floats; LPIPS ones None without LPIPS);
+    * ``psnr_mean, psnr_median, psnr_max, psnr_min, psnr_gain_mean, psnr_gain_median,
+      psnr_gain_max, psnr_gain_min, ssim_mean, ssim_median, ssim_max, lpips_mean, lpips_median,
+      lpips_min`` (floats; LPIPS ones None without LPIPS);
+    * ``flat_value`` (list of per-channel floats used), ``flat_psnr_mean`` (the flat image's mean
+      PSNR over the batch);
     * ``label_accuracy`` (float, or None when either side has no labels), ``success_rate``
       (fraction with PSNR >= ``success_psnr``), ``success_psnr`` (the threshold used);
     * ``lpips_status`` (``"ok"``, or why LPIPS is None), ``rec_nonfinite_pixels`` (replaced
       non-finite reconstruction values);
-    * ``per_image``: list of ``{"index", "psnr", "ssim", "lpips", "label_correct"}`` in ground-truth
-      order (``label_correct`` None without labels).
+    * ``per_image``: list of ``{"index", "psnr", "psnr_gain", "ssim", "lpips", "label_correct"}``
+      in ground-truth order (``label_correct`` None without labels).
 
     No value is ever NaN or inf.
+
+    Raises:
+        ValueError: shapes differ or are not (B, C, H, W), non-finite ground truth or
+            ``success_psnr`` or ``flat``, labels of the wrong length or dtype.
+
+    Example:
+        >>> truth, grey = torch.zeros(1, 1, 8, 8), torch.full((1, 1, 8, 8), 0.5)
+        >>> s = score_images(grey, truth, lpips=False)  # the flat image itself: no gain
+        >>> round(s["psnr_max"], 2), s["psnr_gain_max"], s["flat_value"]
+        (6.02, 0.0, [0.5])
     """
     rec, nonfinite = _reconstruction_batch(rec_images)
     truth = _truth_batch(true_images)
     _check_same_shape(rec, truth)
     n = truth.shape[0]
+    channels = _flat_channels(flat, truth.shape[1])
     rec_lab = _labels(rec_labels, n, "rec_labels")
     true_lab = _labels(true_labels, n, "true_labels")
     if not math.isfinite(success_psnr):
@@ -292,39 +397,72 @@ def score_images(
     assignment_cost: CostName = "mse" if lpips_dist is None else "lpips"
     assignment = _hungarian(_mse_matrix(truth, rec) if lpips_dist is None else lpips_dist)
 
-    ordered = rec[assignment]
-    truth_np = truth.permute(0, 2, 3, 1).numpy()
-    rec_np = ordered.permute(0, 2, 3, 1).numpy()
-    psnrs = [_psnr_np(rec_np[i], truth_np[i]) for i in range(n)]
-    ssims = [_ssim_np(rec_np[i], truth_np[i]) for i in range(n)]
-    lpipss = (
-        [float(lpips_dist[i, assignment[i]]) for i in range(n)] if lpips_dist is not None else None
-    )
+    values = _image_metrics(truth, rec[assignment], channels, lpips_dist, assignment)
     correct = _label_correct(rec_lab, true_lab, assignment)
-    label_accuracy = None if correct is None else float(np.mean(correct))
-
-    per_image = [
-        {
-            "index": i,
-            "psnr": psnrs[i],
-            "ssim": ssims[i],
-            "lpips": lpipss[i] if lpipss is not None else None,
-            "label_correct": correct[i] if correct is not None else None,
-        }
-        for i in range(n)
-    ]
+    psnrs = values.psnr
     return {
         "n_images": n,
         "assignment_cost": assignment_cost,
         "assignment": assignment,
-        **_summaries(psnrs, ssims, lpipss),
-        "label_accuracy": label_accuracy,
+        **_summaries(psnrs, values.psnr_gain, values.ssim, values.lpips),
+        "flat_value": [float(v) for v in channels],
+        "flat_psnr_mean": float(np.mean(values.flat_psnr)),
+        "label_accuracy": None if correct is None else float(np.mean(correct)),
         "success_rate": float(np.mean([p >= success_psnr for p in psnrs])),
         "success_psnr": float(success_psnr),
         "lpips_status": lpips_status,
         "rec_nonfinite_pixels": nonfinite,
-        "per_image": per_image,
+        "per_image": _per_image(values, correct),
     }
+
+
+class _ImageMetrics(NamedTuple):
+    """Per true image, the metrics of its matched reconstruction (ground-truth order)."""
+
+    psnr: list[float]
+    flat_psnr: list[float]
+    psnr_gain: list[float]
+    ssim: list[float]
+    lpips: list[float] | None
+
+
+def _image_metrics(
+    truth: torch.Tensor,
+    ordered: torch.Tensor,
+    channels: np.ndarray,
+    lpips_dist: np.ndarray | None,
+    assignment: list[int],
+) -> _ImageMetrics:
+    """PSNR, the flat baseline's PSNR, PSNR gain, SSIM and LPIPS (None without LPIPS) of each
+    true image and its matched reconstruction (``ordered`` = reconstructions reordered)."""
+    n = truth.shape[0]
+    truth_np = truth.permute(0, 2, 3, 1).numpy()
+    rec_np = ordered.permute(0, 2, 3, 1).numpy()
+    psnrs = [_psnr_np(rec_np[i], truth_np[i]) for i in range(n)]
+    flat_psnrs = _flat_psnrs(truth, channels)
+    lpipss = None if lpips_dist is None else [float(lpips_dist[i, assignment[i]]) for i in range(n)]
+    return _ImageMetrics(
+        psnr=psnrs,
+        flat_psnr=flat_psnrs,
+        psnr_gain=[p - f for p, f in zip(psnrs, flat_psnrs, strict=True)],
+        ssim=[_ssim_np(rec_np[i], truth_np[i]) for i in range(n)],
+        lpips=lpipss,
+    )
+
+
+def _per_image(values: _ImageMetrics, correct: list[bool] | None) -> list[dict[str, Any]]:
+    """The ``per_image`` records of :func:`score_images` in ground-truth order."""
+    return [
+        {
+            "index": i,
+            "psnr": values.psnr[i],
+            "psnr_gain": values.psnr_gain[i],
+            "ssim": values.ssim[i],
+            "lpips": None if values.lpips is None else values.lpips[i],
+            "label_correct": None if correct is None else correct[i],
+        }
+        for i in range(len(values.psnr))
+    ]
 
 
 def _label_correct(
@@ -354,11 +492,13 @@ def _lpips_distances(
 
 
 def _summaries(
-    psnrs: list[float], ssims: list[float], lpipss: list[float] | None
+    psnrs: list[float], gains: list[float], ssims: list[float], lpipss: list[float] | None
 ) -> dict[str, float | None]:
-    """Per-batch mean, median and worst case (max PSNR and SSIM, min LPIPS), and min PSNR."""
+    """Per-batch mean, median and worst case (max PSNR, PSNR gain and SSIM, min LPIPS), and the
+    minimum PSNR and PSNR gain."""
     names = {
         "psnr": (psnrs, ("mean", "median", "max", "min")),
+        "psnr_gain": (gains, ("mean", "median", "max", "min")),
         "ssim": (ssims, ("mean", "median", "max")),
         "lpips": (lpipss, ("mean", "median", "min")),
     }
@@ -386,6 +526,17 @@ def score(
 
     ``rec`` and ``truth`` are any objects with ``.images`` ((B, C, H, W) float tensor in [0, 1])
     and ``.labels`` ((B,) long tensor, or None / absent when the attack recovered no labels).
+    ``psnr_gain`` is measured against a flat image at ``rec.flat_value`` (a
+    :class:`~attacks.reconstruction.Reconstruction` carries the observation's normalisation
+    mean there), or at :data:`FLAT_VALUE` when ``rec`` has no such attribute.
+
+    Raises:
+        TypeError: ``rec`` or ``truth`` has no ``.images``.
+        ValueError: as :func:`score_images`.
+
+    Example:
+        >>> s = score(attack.run(obs), truth)  # doctest: +SKIP
+        >>> s["psnr_max"], s["psnr_gain_max"]  # doctest: +SKIP
     """
     for obj, name in ((rec, "rec"), (truth, "truth")):
         if getattr(obj, "images", _MISSING) is _MISSING:
@@ -399,4 +550,5 @@ def score(
         lpips=lpips,
         device=device,
         lpips_backbone=lpips_backbone,
+        flat=getattr(rec, "flat_value", FLAT_VALUE),
     )

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from attacks.metrics import FLAT_VALUE
+
 
 @dataclass
 class Reconstruction:
@@ -22,6 +24,10 @@ class Reconstruction:
         restart_losses: the final objective of every restart (the lowest is chosen).
         label_source: "known", "inferred", "optimised" or "none".
         extras: attack-specific values (e.g. DLM's learned scale).
+        flat_value: per-channel value in [0, 1] of the flat baseline image that scoring's
+            ``psnr_gain`` is measured against: the observation's normalisation mean, or 0.5
+            without normalisation (:func:`attacks.metrics.flat_value`). A public fact of the
+            observation, not of the private batch.
     """
 
     images: torch.Tensor
@@ -34,3 +40,4 @@ class Reconstruction:
     restart_losses: list[float] = field(default_factory=list)
     label_source: str = "none"
     extras: dict[str, float] = field(default_factory=dict)
+    flat_value: tuple[float, ...] = (FLAT_VALUE,)

@@ -2,9 +2,11 @@
 
 For each model (DLG's sigmoid LeNet, Inverting Gradients' ConvNet), batch size (1, 4) and attack,
 a client step is observed on real 32 px images (scikit-image photographs), the attack runs, and
-the canonical metric protocol scores it. FedSGD attacks (dlg, idlg, inverting_gradients) see the
-gradient; FedAvg attacks (dlm, dlm_plus, inverting_gradients on weights) see the weights after
-one local SGD step with lr 0.01 (DLM/DLM+ are not told the learning rate).
+the canonical metric protocol scores it ("gain" is ``psnr_gain``: PSNR minus that of a flat
+mid-grey image, as these observations are not normalised). FedSGD attacks (dlg, idlg,
+inverting_gradients) see the gradient; FedAvg attacks (dlm, dlm_plus, inverting_gradients on
+weights) see the weights after one local SGD step with lr 0.01 (DLM/DLM+ are not told the
+learning rate).
 
     python benchmarks/attacks.py [--device auto] [--iterations N] [--models lenet convnet]
                                  [--batches 1 4] [--attacks idlg dlm_plus ...]
@@ -112,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device={device} threads={torch.get_num_threads()} size={args.size}px")
     header = (
         f"| {'attack':<27}| {'model':<8}| {'B':>2} | {'iters':>5} | {'seconds':>8} | "
-        f"{'it/s':>6} | {'PSNR mean/max':>13} | {'SSIM mean/max':>13} | "
+        f"{'it/s':>6} | {'PSNR mean/max':>13} | {'gain mean/max':>13} | "
+        f"{'SSIM mean/max':>13} | "
         f"{'LPIPS mean/min':>14} | {'label acc':>9} |"
     )
     print(header)
@@ -153,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"| {label:<27}| {model_name:<8}| {batch:>2} | {rec.iterations:>5} | "
                     f"{rec.seconds:>8.1f} | {rec.iterations / rec.seconds:>6.2f} | "
                     f"{s['psnr_mean']:>6.2f}/{s['psnr_max']:>6.2f} | "
+                    f"{s['psnr_gain_mean']:>6.2f}/{s['psnr_gain_max']:>6.2f} | "
                     f"{s['ssim_mean']:>6.3f}/{s['ssim_max']:>6.3f} | {lp:>14} | "
                     f"{'n/a' if acc is None else f'{acc:.2f}':>9} |"
                     + (" diverged" if rec.diverged else ""),
@@ -236,6 +240,7 @@ def compare_reference(
 def _as_reconstruction(x: torch.Tensor, obs: object) -> object:
     """Wrap a model-space image as a Reconstruction for the canonical scoring."""
     from attacks.base import Reconstruction
+    from attacks.metrics import flat_value
     from fl.simulation.normalization import denormalize
 
     return Reconstruction(
@@ -245,6 +250,7 @@ def _as_reconstruction(x: torch.Tensor, obs: object) -> object:
         loss=float("nan"),
         iterations=0,
         seconds=0.0,
+        flat_value=flat_value(obs.mean, obs.std),  # type: ignore[attr-defined]
     )
 
 

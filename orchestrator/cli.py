@@ -158,7 +158,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     from attacks import attack_class, available_attacks
     from defenses import available_defenses, defense_class
     from fl import data, models
-    from orchestrator.metrics import known_metrics
+    from orchestrator.metrics import COST_PER_ATTACK, PRIVACY, known_metrics
 
     print("datasets:", ", ".join(data.available()))
     print("models:")
@@ -185,7 +185,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         cls = attack_class(name)
         kinds = "/".join(cls.requirements.kinds)
         print(f"  {name} ({kinds}): {(cls.__doc__ or '').strip().splitlines()[0]}")
-    print("metrics (per attack: <attack>_psnr_max, ...):")
+    per_attack = [f"<attack>_{p}" for p in (*PRIVACY, COST_PER_ATTACK)]
+    print("metrics (per attack: " + ", ".join(per_attack) + "):")
     print("  " + ", ".join(known_metrics()))
     return 0
 

@@ -6,10 +6,12 @@ Names used in ``objectives``, Parquet columns and MLflow:
   ``test_loss``, and ``accuracy_drop`` (the control's accuracy minus the trial's, filled in once
   the ``none`` control has completed; not usable as a search objective);
 - privacy per attack (``<attack>`` is the attack's ``label`` or name): ``<attack>_psnr_mean``,
-  ``_psnr_max``, ``_ssim_mean``, ``_ssim_max``, ``_lpips_mean``, ``_lpips_min``,
-  ``_label_accuracy``, ``_success_rate``; and the same names with the prefix ``attack_`` for the
-  worst case over attacks (the maximum of PSNR, SSIM, label accuracy and success rate, the
-  minimum of LPIPS), computed over every image of every attacked round and victim;
+  ``_psnr_max``, ``_psnr_gain_mean``, ``_psnr_gain_max`` (PSNR minus the PSNR of a flat image
+  at the dataset mean, see :mod:`attacks.metrics`), ``_ssim_mean``, ``_ssim_max``,
+  ``_lpips_mean``, ``_lpips_min``, ``_label_accuracy``, ``_success_rate``; and the same names with
+  the prefix ``attack_`` for the worst case over attacks (the maximum of PSNR, PSNR gain, SSIM,
+  label accuracy and success rate, the minimum of LPIPS), computed over every image of every
+  attacked round and victim;
 - ``epsilon`` (DP-SGD); cost: ``seconds_train``, ``seconds_attack`` (attacks with their
   scoring), ``<attack>_seconds`` (each attack's part of it, its scoring included),
   ``seconds_metrics`` (the scoring alone: PSNR, SSIM, LPIPS), ``peak_memory_mb``.
@@ -28,6 +30,8 @@ DERIVED = ("accuracy_drop",)
 PRIVACY = (
     "psnr_mean",
     "psnr_max",
+    "psnr_gain_mean",
+    "psnr_gain_max",
     "ssim_mean",
     "ssim_max",
     "lpips_mean",
@@ -39,6 +43,8 @@ PRIVACY = (
 WORST: dict[str, Literal["max", "min"]] = {
     "psnr_mean": "max",
     "psnr_max": "max",
+    "psnr_gain_mean": "max",
+    "psnr_gain_max": "max",
     "ssim_mean": "max",
     "ssim_max": "max",
     "lpips_mean": "min",
@@ -114,17 +120,29 @@ def validate_metric(name: str, attacks: Sequence[str]) -> None:
 def attack_summary(
     images: Iterable[dict[str, Any]], success_psnr: float
 ) -> dict[str, float | None]:
-    """Per-attack statistics over every attacked image (all rounds and victims)."""
+    """Per-attack statistics over every attacked image (all rounds and victims).
+
+    ``images`` are per-image records (:func:`attacks.metrics.score`'s ``per_image`` or
+    ``attacks.parquet`` rows); the PSNR-gain statistics skip images without ``psnr_gain``
+    (None when none has one). Returns one value (or None) per name of :data:`PRIVACY`.
+
+    Example:
+        >>> attack_summary([{"psnr": 22.0, "psnr_gain": 9.5, "ssim": 0.5}], 20.0)["psnr_gain_max"]
+        9.5
+    """
     rows = list(images)
     if not rows:
         return {p: None for p in PRIVACY}
     psnr = [r["psnr"] for r in rows]
+    gain = [r["psnr_gain"] for r in rows if r.get("psnr_gain") is not None]
     ssim = [r["ssim"] for r in rows]
     lpips = [r["lpips"] for r in rows if r.get("lpips") is not None]
     labels = [bool(r["label_correct"]) for r in rows if r.get("label_correct") is not None]
     return {
         "psnr_mean": finite_or_none(sum(psnr) / len(psnr)),
         "psnr_max": finite_or_none(max(psnr)),
+        "psnr_gain_mean": finite_or_none(sum(gain) / len(gain)) if gain else None,
+        "psnr_gain_max": finite_or_none(max(gain)) if gain else None,
         "ssim_mean": finite_or_none(sum(ssim) / len(ssim)),
         "ssim_max": finite_or_none(max(ssim)),
         "lpips_mean": finite_or_none(sum(lpips) / len(lpips)) if lpips else None,

@@ -296,7 +296,8 @@ def _grids_section(cfg: StudyConfig, folder: Path, choices: list[Choice]) -> Sec
 
 
 def _success_section(cfg: StudyConfig, df: pd.DataFrame, attacks: pd.DataFrame) -> Section:
-    """Per defense and attack over the completed trials: images, success rate, PSNR, SSIM."""
+    """Per defense and attack over the completed trials: images, success rate, PSNR, PSNR gain
+    over a flat image at the dataset mean (``psnr_gain``), SSIM."""
     rows = []
     if not attacks.empty:
         done_ids = set(df.loc[df["status"] == "completed", "trial_id"])
@@ -309,6 +310,8 @@ def _success_section(cfg: StudyConfig, df: pd.DataFrame, attacks: pd.DataFrame) 
             success_rate=("success", "mean"),
             psnr_mean=("psnr", "mean"),
             psnr_max=("psnr", "max"),
+            gain_mean=("psnr_gain", "mean"),
+            gain_max=("psnr_gain", "max"),
             ssim_max=("ssim", "max"),
         )
         for (defense, attack), g in grouped.iterrows():
@@ -320,6 +323,8 @@ def _success_section(cfg: StudyConfig, df: pd.DataFrame, attacks: pd.DataFrame) 
                     f"{g['success_rate']:.0%}",
                     _fmt(g["psnr_mean"]),
                     _fmt(g["psnr_max"]),
+                    _fmt(g["gain_mean"]),
+                    _fmt(g["gain_max"]),
                     _fmt(g["ssim_max"]),
                 ]
             )
@@ -330,6 +335,8 @@ def _success_section(cfg: StudyConfig, df: pd.DataFrame, attacks: pd.DataFrame) 
         f"success (PSNR ≥ {cfg.success_psnr:g} dB)",
         "PSNR mean",
         "PSNR max",
+        "PSNR gain mean",
+        "PSNR gain max",
         "SSIM max",
     ]
     return (

@@ -52,6 +52,7 @@ Column order: the fixed columns above, then `param_*` sorted by name, then metri
 | `client` | int64 | no | attacked client index |
 | `image_index` | int64 | no | index of the image within the client's batch |
 | `psnr` | float64 | no | PSNR (dB) of the matched reconstruction; must be finite |
+| `psnr_gain` | float64 | yes | `psnr` minus the PSNR of a flat image at the dataset mean (0.5 without normalisation) against the same true image (`attacks.metrics.flat_image_psnr`); null in files written before it existed (schema version 1) |
 | `ssim` | float64 | no | SSIM of the matched reconstruction; must be finite |
 | `lpips` | float64 | yes | LPIPS distance; null when LPIPS was unavailable |
 | `label_correct` | bool | yes | inferred label correct; null when labels were not scored |
@@ -59,6 +60,10 @@ Column order: the fixed columns above, then `param_*` sorted by name, then metri
 | `diverged` | bool | no | the attack stopped on a NaN/inf (scored anyway) |
 
 (`attack`, `round`, `client`, `image_index`) is unique within a trial.
+
+**Schema versions.** Tables carry ``obscura.schema_version`` in their Parquet metadata. Version 2
+added `attacks.psnr_gain`; a version-1 `attacks.parquet` (without the column) still loads, its
+rows read back with `psnr_gain` null, and the next write stores it in the current schema.
 """  # noqa: E501 (Markdown tables, one row per line)
 
 from __future__ import annotations
@@ -139,6 +144,7 @@ ATTACKS_SCHEMA: pa.Schema = pa.schema(
         pa.field("client", pa.int64(), nullable=False),
         pa.field("image_index", pa.int64(), nullable=False),
         pa.field("psnr", pa.float64(), nullable=False),
+        pa.field("psnr_gain", pa.float64(), nullable=True),
         pa.field("ssim", pa.float64(), nullable=False),
         pa.field("lpips", pa.float64(), nullable=True),
         pa.field("label_correct", pa.bool_(), nullable=True),
@@ -148,7 +154,7 @@ ATTACKS_SCHEMA: pa.Schema = pa.schema(
 )
 """Complete schema of ``attacks.parquet`` (no dynamic columns)."""
 
-_TABLE_METADATA = {b"obscura.schema_version": b"1"}
+_TABLE_METADATA = {b"obscura.schema_version": b"2"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -360,7 +366,9 @@ def _param_type(name: str, values: Iterable[Any], previous: pa.DataType | None) 
 _TRIAL_FIXED_NAMES = tuple(TRIALS_FIXED_SCHEMA.names)
 _ROUNDS_FIXED_NAMES = tuple(f.name for f in ROUNDS_FIXED_FIELDS)
 _ATTACK_NAMES = tuple(ATTACKS_SCHEMA.names)
-_ATTACK_OPTIONAL = frozenset({"lpips", "label_correct"})
+_ATTACK_OPTIONAL = frozenset({"lpips", "label_correct", "psnr_gain"})
+_ATTACK_ADDED = frozenset({"psnr_gain"})
+"""``attacks.parquet`` columns added after schema version 1: older files lack them (read: null)."""
 
 
 def _normalise_trial(row: Mapping[str, Any], previous: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -448,6 +456,7 @@ def _normalise_attack(trial_id: str, row: Mapping[str, Any], index: int) -> dict
         "client": _required_int(get("client"), f"{where}: client"),
         "image_index": _required_int(get("image_index"), f"{where}: image_index"),
         "psnr": _required_float(get("psnr"), f"{where}: psnr"),
+        "psnr_gain": _float_or_null(get("psnr_gain"), f"{where}: psnr_gain"),
         "ssim": _required_float(get("ssim"), f"{where}: ssim"),
         "lpips": _float_or_null(get("lpips"), f"{where}: lpips"),
         "label_correct": _bool_or_null(
@@ -476,6 +485,7 @@ def attack_record(
         "client": client,
         "image_index": int(image["index"]),
         "psnr": float(image["psnr"]),
+        "psnr_gain": None if image.get("psnr_gain") is None else float(image["psnr_gain"]),
         "ssim": float(image["ssim"]),
         "lpips": None if image.get("lpips") is None else float(image["lpips"]),
         "label_correct": image.get("label_correct"),
@@ -545,6 +555,19 @@ def _check_fixed(table: pa.Table, fields: Sequence[pa.Field], path: Path) -> Non
             raise ValueError(
                 f"{path}: column {field.name!r} has type {actual}, expected {field.type}"
             )
+
+
+def _with_added_columns(table: pa.Table, schema: pa.Schema, added: frozenset[str]) -> pa.Table:
+    """``table`` in ``schema``'s column order, each column of ``added`` it lacks filled with
+    nulls (a file written before those columns existed); other columns are left to
+    :func:`_check_fixed`."""
+    missing = [f for f in schema if f.name in added and f.name not in table.column_names]
+    if not missing:
+        return table
+    for field in missing:
+        table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+    order = [n for n in schema.names if n in table.column_names]
+    return table.select(order + [n for n in table.column_names if n not in order])
 
 
 def _to_pandas(table: pa.Table) -> pd.DataFrame:
@@ -622,6 +645,7 @@ class ResultStore:
             self._rounds_table = table
         if self.attacks_path.exists():
             table = pq.read_table(self.attacks_path)
+            table = _with_added_columns(table, ATTACKS_SCHEMA, _ATTACK_ADDED)
             _check_fixed(table, list(ATTACKS_SCHEMA), self.attacks_path)
             self._attacks = _group(table.to_pylist())
             self._attacks_table = table
@@ -701,9 +725,10 @@ class ResultStore:
     def add_attacks(self, trial_id: str, rows: Sequence[Mapping[str, Any]]) -> None:
         """Replace all ``attacks`` rows of ``trial_id`` with ``rows`` and rewrite the file.
 
-        Rows must have exactly the columns of :data:`ATTACKS_SCHEMA` (``lpips`` and
-        ``label_correct`` may be omitted: null); (``attack``, ``round``, ``client``,
-        ``image_index``) must be unique. An empty ``rows`` removes the trial's attacks.
+        Rows must have exactly the columns of :data:`ATTACKS_SCHEMA` (``lpips``,
+        ``label_correct`` and ``psnr_gain`` may be omitted: null); (``attack``, ``round``,
+        ``client``, ``image_index``) must be unique. An empty ``rows`` removes the trial's
+        attacks.
         """
         with self._lock:
             _str_or_null(trial_id, "add_attacks: trial_id", required=True)

@@ -27,7 +27,10 @@ from attacks.lpips_net import (
 )
 from attacks.metrics import (
     DEFAULT_SUCCESS_PSNR,
+    FLAT_VALUE,
     PSNR_CAP,
+    flat_image_psnr,
+    flat_value,
     match,
     psnr,
     score,
@@ -249,6 +252,97 @@ def test_nonfinite_reconstructions_stay_finite() -> None:
 def test_shape_mismatch_is_rejected() -> None:
     with pytest.raises(ValueError, match="differ in shape"):
         score_images(real_batch(16), real_batch(32), lpips=False)
+
+
+# --------------------------------------------------------------------------- flat baseline
+
+
+def _flat_like(truth: torch.Tensor, value: tuple[float, ...]) -> torch.Tensor:
+    """A batch shaped like ``truth`` whose every image is flat at ``value`` (per channel)."""
+    return torch.tensor(value, dtype=torch.float64).view(1, -1, 1, 1).expand_as(truth).clone()
+
+
+@pytest.mark.parametrize(("grey", "value"), [(False, (0.3, 0.4, 0.6)), (True, (0.57,))])
+def test_flat_image_at_the_mean_has_zero_gain(grey: bool, value: tuple[float, ...]) -> None:
+    truth = real_batch(16, grey=grey)
+    result = score_images(_flat_like(truth, value), truth, lpips=False, flat=value)
+    assert result["flat_value"] == list(value)
+    assert all(abs(r["psnr_gain"]) < 1e-9 for r in result["per_image"])
+    for stat in ("mean", "median", "max", "min"):
+        assert abs(result[f"psnr_gain_{stat}"]) < 1e-9
+    assert result["flat_psnr_mean"] == pytest.approx(result["psnr_mean"], abs=1e-9)
+    assert 0.0 < result["psnr_max"] < 30.0  # a flat image is a poor reconstruction of photos
+
+
+def test_perfect_reconstruction_gains_the_cap_minus_the_flat_psnr() -> None:
+    truth = real_batch(16)
+    flat = flat_image_psnr(truth, 0.5)
+    by_hand = [10 * math.log10(1 / float(((t - 0.5) ** 2).mean())) for t in truth]
+    assert flat == pytest.approx(by_hand, abs=1e-9)
+    result = score_images(truth, truth, lpips=False)  # default flat value 0.5
+    assert result["flat_value"] == [FLAT_VALUE] * 3  # one value broadcast to every channel
+    for row, f in zip(result["per_image"], flat, strict=True):
+        assert row["psnr"] == PSNR_CAP
+        assert row["psnr_gain"] == pytest.approx(PSNR_CAP - f, abs=1e-12)
+    assert result["psnr_gain_max"] == pytest.approx(PSNR_CAP - min(flat), abs=1e-12)
+    assert result["psnr_gain_min"] == pytest.approx(PSNR_CAP - max(flat), abs=1e-12)
+    assert_no_nan(result)
+
+
+def test_flat_value_broadcasts_and_is_validated() -> None:
+    truth = real_batch(16)
+    assert flat_image_psnr(truth, 0.4) == flat_image_psnr(truth, (0.4, 0.4, 0.4))
+    assert flat_image_psnr(truth, 1.5) == flat_image_psnr(truth, 1.0)  # clamped like images
+    with pytest.raises(ValueError, match="channels"):
+        score_images(truth, truth, lpips=False, flat=(0.1, 0.2))
+    with pytest.raises(ValueError, match="finite"):
+        flat_image_psnr(truth, float("nan"))
+
+
+def test_flat_value_is_the_normalisation_mean_or_grey() -> None:
+    assert flat_value((0.3,), (0.2,)) == (0.3,)
+    assert flat_value((0.4, 0.25, 0.16), (0.3, 0.2, 0.1)) == (0.4, 0.25, 0.16)
+    assert flat_value((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)) == (FLAT_VALUE,)  # no normalisation
+    assert flat_value((), ()) == (FLAT_VALUE,)
+    assert flat_value((0.0,), (0.5,)) == (0.0,)  # a real normalisation whose mean is 0
+    with pytest.raises(ValueError, match="finite"):
+        flat_value((float("inf"),), (1.0,))
+
+
+@pytest.mark.parametrize(("mean", "std", "want"), [((0.3,), (0.2,), (0.3,)), (None, None, (0.5,))])
+def test_reconstruction_carries_the_observations_flat_value(
+    mean: tuple[float, ...] | None, std: tuple[float, ...] | None, want: tuple[float, ...]
+) -> None:
+    from attacks import get_attack
+    from attacks.samples import sample_images
+    from fl import models
+    from fl.simulation import observe_client_step
+
+    torch.manual_seed(0)
+    model = models.build("lenet", channels=1, classes=2, image_size=16)
+    images, labels = sample_images(16, 2, channels=1), torch.tensor([0, 1])
+    obs, truth = observe_client_step(model, images, labels, mean=mean, std=std)
+    rec = get_attack("idlg", iterations=2).run(obs)
+    assert rec.flat_value == want
+    result = score(rec, truth, lpips=False)
+    assert result["flat_value"] == list(want)
+    flat = flat_image_psnr(truth.images, want)
+    for row in result["per_image"]:
+        assert row["psnr"] - row["psnr_gain"] == pytest.approx(flat[row["index"]], abs=1e-9)
+
+
+def test_flat_baseline_on_fundus_photographs(shared_dir: Path) -> None:
+    """RetinaMNIST: a flat image already scores above 10 dB, and the dataset mean is a harder
+    baseline than mid grey (it minimises the pooled squared error, up to the train/test shift)."""
+    from fl import data as fl_data
+
+    d = fl_data.load("retinamnist", root=shared_dir / "data", split="test", image_size=16)
+    truth = d.float_images()[:200]
+    at_mean = np.asarray(flat_image_psnr(truth, flat_value(d.mean, d.std)))
+    grey = np.asarray(flat_image_psnr(truth, FLAT_VALUE))
+    assert at_mean.mean() > 10.0 and grey.mean() > 5.0
+    pooled = [float(np.mean(10.0 ** (-p / 10.0))) for p in (at_mean, grey)]  # mean MSE
+    assert pooled[0] < pooled[1]
 
 
 # --------------------------------------------------------------------------- LPIPS

@@ -123,3 +123,29 @@ def test_log_images_none_keeps_every_image_out(tiny_study, local_ray_run) -> Non
     for run in client.search_runs([exp.experiment_id]):
         arts = [a.path for a in client.list_artifacts(run.info.run_id)]
         assert "images" not in arts
+
+
+def test_success_table_shows_psnr_gain(tiny_study, tmp_path) -> None:
+    """The attack table gives the PSNR gain over a flat image beside the PSNR ('–' for rows of
+    files written before psnr_gain existed)."""
+    from orchestrator import load_study
+    from orchestrator.report import _success_section
+    from orchestrator.results import ResultStore
+
+    cfg = load_study(tiny_study())
+    store = ResultStore(tmp_path / "res")
+    for tid in ("t0", "t1"):
+        store.upsert_trial({"trial_id": tid, "status": "completed", "defense": tid})
+    row = {"attack": "idlg", "round": 0, "client": 0, "ssim": 0.5, "seconds": 1.0}
+    store.add_attacks(
+        "t0",
+        [
+            {**row, "image_index": 0, "psnr": 25.0, "psnr_gain": 10.5, "diverged": False},
+            {**row, "image_index": 1, "psnr": 15.0, "psnr_gain": -1.25, "diverged": False},
+        ],
+    )
+    store.add_attacks("t1", [{**row, "image_index": 0, "psnr": 12.0, "diverged": False}])
+    _, _, md = _success_section(cfg, store.trials(), store.attacks())
+    assert "| PSNR mean | PSNR max | PSNR gain mean | PSNR gain max |" in md
+    assert "| t0 | idlg | 2 | 50% | 20 | 25 | 4.625 | 10.5 |" in md
+    assert "| t1 | idlg | 1 | 0% | 12 | 12 | – | – |" in md

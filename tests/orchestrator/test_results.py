@@ -39,6 +39,7 @@ def _attack(**extra: Any) -> dict[str, Any]:
         "client": 0,
         "image_index": 0,
         "psnr": 18.5,
+        "psnr_gain": 4.25,
         "ssim": 0.42,
         "lpips": 0.31,
         "label_correct": True,
@@ -351,9 +352,9 @@ def test_attacks_round_trip_and_schema(store: ResultStore) -> None:
 
 def test_attacks_optional_columns_and_validation(store: ResultStore) -> None:
     minimal = _attack()
-    del minimal["lpips"], minimal["label_correct"]
+    del minimal["lpips"], minimal["label_correct"], minimal["psnr_gain"]
     store.add_attacks("a", [minimal])
-    assert store.attacks()["lpips"].isna().all()
+    assert store.attacks()["lpips"].isna().all() and store.attacks()["psnr_gain"].isna().all()
     with pytest.raises(ValueError, match="unknown columns"):
         store.add_attacks("a", [_attack(extra=1.0)])
     with pytest.raises(ValueError, match="missing"):
@@ -365,6 +366,44 @@ def test_attacks_optional_columns_and_validation(store: ResultStore) -> None:
     with pytest.raises(ValueError, match="duplicate"):
         store.add_attacks("a", [_attack(), _attack()])
     assert len(store.attacks()) == 1
+
+
+def test_attack_record_keeps_psnr_gain(store: ResultStore) -> None:
+    from attacks.metrics import score_images
+    from attacks.samples import sample_images
+
+    truth = sample_images(16, 2).double()
+    scored = score_images((truth + 0.05).clamp(0, 1), truth, lpips=False, flat=(0.4, 0.3, 0.2))
+    rows = [
+        results.attack_record("idlg", 0, 1, img, seconds=1.5, diverged=False)
+        for img in scored["per_image"]
+    ]
+    store.add_attacks("a", rows)
+    back = ResultStore(store.folder).attacks()
+    assert back["psnr_gain"].tolist() == [img["psnr_gain"] for img in scored["per_image"]]
+    assert (back["psnr"] > back["psnr_gain"]).all()  # the flat image scores above 0 dB
+
+
+def test_version_1_attacks_file_without_psnr_gain_still_loads(tmp_path: Path) -> None:
+    folder = tmp_path / "study"
+    folder.mkdir()
+    old_schema = pa.schema(
+        [f for f in ATTACKS_SCHEMA if f.name != "psnr_gain"],
+        metadata={b"obscura.schema_version": b"1"},
+    )
+    old_row = {"trial_id": "old", **{k: v for k, v in _attack().items() if k != "psnr_gain"}}
+    pq.write_table(pa.Table.from_pylist([old_row], schema=old_schema), folder / "attacks.parquet")
+
+    store = ResultStore(folder)
+    df = store.attacks()
+    assert df.columns.tolist() == ATTACKS_SCHEMA.names
+    assert df["psnr"].tolist() == [18.5] and df["psnr_gain"].isna().all()
+    store.add_attacks("new", [_attack()])  # the next write uses the current schema
+    table = pq.read_table(store.attacks_path)
+    assert table.schema.equals(ATTACKS_SCHEMA, check_metadata=False)
+    assert table.schema.metadata[b"obscura.schema_version"] == b"2"
+    assert table.column("psnr_gain").to_pylist() == [None, 4.25]
+    assert ResultStore(folder).attacks()["trial_id"].tolist() == ["old", "new"]
 
 
 def test_attacks_replace_per_trial(store: ResultStore) -> None:

@@ -39,9 +39,10 @@ def test_study_end_to_end_on_local_ray(completed_study) -> None:
     assert (trials["status"] == "completed").all()
     # the first trials are the control and each defense at its defaults
     assert set(trials["defense"]) == {"none", "gradient_noise", "prune"}
-    for metric in ("test_accuracy", "attack_psnr_max"):
+    for metric in ("test_accuracy", "attack_psnr_max", "attack_psnr_gain_max"):
         assert trials[metric].notna().all()
         assert all(math.isfinite(v) for v in trials[metric])
+    assert (trials["attack_psnr_gain_max"] < trials["attack_psnr_max"]).all()
     assert trials["pareto"].any()
     assert set(results.front["trial_id"]) == set(trials.loc[trials["pareto"], "trial_id"])
     assert trials["accuracy_drop"].notna().all()
@@ -50,6 +51,7 @@ def test_study_end_to_end_on_local_ray(completed_study) -> None:
     attacks = pd.read_parquet(folder / "attacks.parquet")
     assert len(attacks) == 4 * 2  # one victim of batch 2 per trial
     assert attacks["psnr"].notna().all() and attacks["lpips"].notna().all()
+    assert attacks["psnr_gain"].notna().all()
     assert (folder / "pareto.png").stat().st_size > 0
     assert (folder / "optuna.db").exists()
     parents, children = _children(cfg.tracking.mlflow_uri, cfg.study)
@@ -60,6 +62,9 @@ def test_study_end_to_end_on_local_ray(completed_study) -> None:
         assert child.info.status == "FINISHED"
         assert child.data.tags["defense"] in {"none", "gradient_noise", "prune"}
         assert "test_accuracy" in child.data.metrics
+        row = trials.loc[trials["mlflow_run_id"] == child.info.run_id].iloc[0]
+        for name in ("idlg_psnr_gain_mean", "attack_psnr_gain_max"):
+            assert child.data.metrics[name] == pytest.approx(row[name]), name
         assert [a.path for a in client.list_artifacts(child.info.run_id, "images")]
         history = client.get_metric_history(child.info.run_id, "test_accuracy")
         assert sorted(m.step for m in history) == [0, 1]  # step = round

@@ -25,6 +25,9 @@ def test_trial_command_prints_json_metrics(tiny_study, capsys) -> None:
     assert out["defense"] == "prune" and out["params"]["percent"] == 50
     assert out["metrics"]["test_accuracy"] is not None
     assert out["metrics"]["idlg_psnr_max"] is not None and len(out["rounds"]) == 2
+    gain = out["metrics"]["idlg_psnr_gain_max"]
+    assert gain is not None and gain == out["metrics"]["attack_psnr_gain_max"]
+    assert gain < out["metrics"]["idlg_psnr_max"]  # a flat image scores above 0 dB
     costs = out["metrics"]
     assert 0 < costs["seconds_metrics"] <= costs["idlg_seconds"] <= costs["seconds_attack"]
     assert costs["seconds_train"] > 0 and costs["peak_memory_mb"] > 0
@@ -79,6 +82,10 @@ def test_custom_defense_and_objective_in_a_study(tiny_study, custom_parts, tmp_p
     out = run_trial(cfg, "blur", {"strength": 2}, image_dir=tmp_path / "img")
     m = out.metrics
     assert m["psnr_per_accuracy"] == pytest.approx(m["attack_psnr_max"] / m["test_accuracy"])
+    # psnr_gain is measured against a flat image at PneumoniaMNIST's mean: about 16 dB (7-22)
+    flat = [r["psnr"] - r["psnr_gain"] for r in out.attacks]
+    assert flat and all(5.0 < f < 30.0 for f in flat), flat
+    assert m["idlg_psnr_gain_max"] == max(r["psnr_gain"] for r in out.attacks)
     assert not (tmp_path / "img").exists() and out.images == []  # log_images: none
 
 
