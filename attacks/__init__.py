@@ -6,11 +6,15 @@ rec = get_attack("idlg", iterations=300, seed=0).run(obs)
 ```
 
 Registered attacks: ``dlg``, ``idlg``, ``inverting_gradients`` (gradient messages; the last also
-FedAvg weights with a known learning rate and step count), ``dlm`` and ``dlm_plus`` (weights).
+FedAvg weights with a known learning rate and step count), ``dlm`` and ``dlm_plus`` (weights),
+``see_through_gradients`` (GradInversion: BatchNorm statistics from the returned buffers),
+``analytic`` (closed form through a fully connected first layer; gradients or one-step FedAvg).
 """
 
+from attacks import analytic as _analytic  # noqa: F401  (registers analytic)
 from attacks import gradient as _gradient  # noqa: F401  (registers dlg, idlg)
 from attacks import inverting_gradients as _inverting  # noqa: F401  (registers inverting_gradients)
+from attacks import see_through as _see_through  # noqa: F401  (registers see_through_gradients)
 from attacks import weights as _weights  # noqa: F401  (registers dlm, dlm_plus)
 from attacks.base import (
     Attack,
@@ -23,6 +27,7 @@ from attacks.base import (
     get_attack,
     register_attack,
 )
+from attacks.labels import infer_labels
 from attacks.reconstruction import Reconstruction
 from attacks.threat import AttackerCapabilities, Requirements, ThreatModelError
 
@@ -39,6 +44,7 @@ __all__ = [
     "attack_class",
     "available_attacks",
     "get_attack",
+    "infer_labels",
     "register_attack",
 ]
 

@@ -26,7 +26,7 @@ class DLGParams(AttackParams):
     lr: float = Field(1.0, gt=0)
     max_iter: int = Field(20, ge=1, description="L-BFGS function evaluations per step.")
     labels: LabelMode = "auto"
-    init: Literal["randn", "rand", "grey"] = "randn"
+    init: Literal["randn", "rand", "grey", "mean"] = "randn"
     tolerance: float | None = Field(None, ge=0, description="Stop when the loss falls below.")
     ignore_layers: list[str] = Field(
         default_factory=list,

@@ -11,11 +11,10 @@ from pydantic import Field
 
 from attacks.base import Attack, AttackParams, Attempt, register_attack
 from attacks.batched import run_batched, victims_obstacle
-from attacks.gradient import unrolled_update
 from attacks.label_modes import LabelMode, plan_labels
+from attacks.matching import bn_prior, matching, mean_projection
 from attacks.objectives import (
     cosine_distance,
-    dummy_gradients,
     layer_weights,
     total_variation,
     weighted_sq_norm,
@@ -38,12 +37,28 @@ class InvertingGradientsParams(AttackParams):
     decay: bool = True
     boxed: bool = True
     labels: LabelMode = "auto"
-    init: Literal["randn", "rand", "grey"] = "randn"
+    init: Literal["randn", "rand", "grey", "mean"] = "randn"
     layer_weights: Literal["equal", "linear", "exp"] = "equal"
     layers: list[str] | None = Field(None, description="Only match these name prefixes.")
     ignore_layers: list[str] = Field(
         default_factory=list,
         description="Parameter-name prefixes left out of the matching (defense-aware attack).",
+    )
+    bn_prior: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of DeepInversion's BatchNorm-statistics term (Yin et al. 2021): "
+        "the dummy batch's per-layer mean and variance matched to those the client's returned "
+        "buffers reveal; > 0 requires knows_bn_stats (0: the plain attack).",
+    )
+    bn_first_multiplier: float = Field(
+        10.0, ge=0, description="Multiplier of the first BatchNorm layer's term (GradInversion)."
+    )
+    bn_project: bool = Field(
+        False,
+        description="After every step, shift each input channel so that the first BatchNorm "
+        "layer's channel means are those the buffers reveal (an extension, docs/batchnorm.md); "
+        "requires knows_bn_stats.",
     )
 
 
@@ -66,9 +81,10 @@ class InvertingGradients(Attack[InvertingGradientsParams]):
     requirements = Requirements(kinds=("gradient", "weights"))
 
     def requirements_for(self, obs: Observation) -> Requirements:
+        bn = self.params.bn_prior > 0 or self.params.bn_project
         if obs.kind == "weights":
-            return Requirements(kinds=("weights",), lr=True, local_steps=True)
-        return Requirements(kinds=("gradient",))
+            return Requirements(kinds=("weights",), lr=True, local_steps=True, bn_stats=bn)
+        return Requirements(kinds=("gradient",), bn_stats=bn)
 
     def attempt(self, obs: Observation, generator: torch.Generator, restart: int) -> Attempt:
         p = self.params
@@ -76,25 +92,19 @@ class InvertingGradients(Attack[InvertingGradientsParams]):
         x = setup.dummy(generator, p.init)
         plan = plan_labels(p.labels, "infer", obs, setup, generator)
         weights = layer_weights(p.layer_weights, len(setup.target), x.device)
-        if obs.kind == "gradient":
-
-            def matched() -> list[torch.Tensor]:
-                return list(dummy_gradients(setup.model, setup.params, x, plan.targets()))
-        else:
-            assert obs.lr is not None and obs.local_steps is not None
-            lr, steps = obs.lr, obs.local_steps
-            batch = obs.batch_size or setup.shape[0]
-
-            def matched() -> list[torch.Tensor]:
-                return unrolled_update(setup, x, plan.targets(), lr, steps, batch)
-
+        matched = matching(obs, setup, plan.targets)
+        prior = bn_prior(obs, setup, p.bn_prior, p.bn_first_multiplier)
+        project = mean_projection(obs, setup, x, p.bn_project)
         target_sq_norm = weighted_sq_norm(setup.target, weights)
 
         def objective() -> torch.Tensor:
-            loss = cosine_distance(matched(), setup.target, weights, target_sq_norm=target_sq_norm)
+            with prior.recording():
+                loss = cosine_distance(
+                    matched(x), setup.target, weights, target_sq_norm=target_sq_norm
+                )
             if p.tv > 0:
                 loss = loss + p.tv * total_variation(x)
-            return loss
+            return loss + prior.loss()
 
         loss, steps_run, diverged = run_signed_adam(
             x,
@@ -106,6 +116,7 @@ class InvertingGradients(Attack[InvertingGradientsParams]):
             decay=p.decay,
             signed=p.signed,
             extra=plan.variables,
+            project=project,
         )
         return Attempt(x.detach(), plan.final_labels(), loss, steps_run, diverged, plan.source)
 
@@ -148,4 +159,6 @@ def batching_obstacle(attack: Attack, observations: Sequence[Observation]) -> st
         return "more than one restart"
     if p.labels == "soft":
         return "optimised soft labels"
+    if p.bn_prior > 0 or p.bn_project:
+        return "a BatchNorm prior (its statistics are recorded per victim by hooks)"
     return victims_obstacle(observations)

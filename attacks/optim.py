@@ -80,11 +80,13 @@ def run_signed_adam(
     decay: bool = True,
     signed: bool = True,
     extra: Sequence[torch.Tensor] = (),
+    project: Callable[[torch.Tensor], None] | None = None,
 ) -> tuple[float, int, bool]:
     """Inverting Gradients' optimiser: Adam on the sign of the gradient, step decay by 0.1 at
     3/8, 5/8 and 7/8 of the iterations, and the image boxed to ``[lower, upper]`` after each
-    step. ``extra`` variables (e.g. a learnable scale) use plain gradients. Stops cleanly on
-    divergence, restoring the last finite state; returns (final loss, steps run, diverged)."""
+    step (after ``project(x)``, an in-place projection, when given). ``extra`` variables (e.g.
+    a learnable scale) use plain gradients. Stops cleanly on divergence, restoring the last
+    finite state; returns (final loss, steps run, diverged)."""
     losses, steps, diverged = _signed_adam(
         x,
         objective,
@@ -96,6 +98,7 @@ def run_signed_adam(
         signed=signed,
         extra=extra,
         batched=False,
+        project=project,
     )
     return losses[0], steps[0], diverged[0]
 
@@ -146,6 +149,7 @@ def _signed_adam(
     signed: bool,
     extra: Sequence[torch.Tensor],
     batched: bool,
+    project: Callable[[torch.Tensor], None] | None = None,
 ) -> tuple[list[float], list[int], list[bool]]:
     """The loop of :func:`run_signed_adam` (one problem: a scalar loss, ``x`` and ``extra``
     restored together) and :func:`run_signed_adam_batched` (``batched``: a (V,) loss, ``x[v]``
@@ -187,6 +191,8 @@ def _signed_adam(
         if decay:
             sched.step()
         with torch.no_grad():
+            if project is not None:
+                project(x)
             if lower is not None and upper is not None:
                 torch.maximum(torch.minimum(x, upper, out=x), lower, out=x)
             for v in frozen:
@@ -234,5 +240,72 @@ def run_adam(
         with torch.no_grad():
             for v, s in zip(variables, saved, strict=True):
                 s.copy_(v)
+        last = value
+    return _final(objective, last), iterations, False
+
+
+def _warmup_cosine(iterations: int, warmup: int) -> Callable[[int], float]:
+    """Learning-rate factor: linear warm-up over ``warmup`` steps, then cosine decay to 0 at
+    ``iterations`` (breaching's ``cosine-decay`` with ``warmup``)."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        span = max(iterations - warmup, 1)
+        return 0.5 * (1.0 + math.cos(math.pi * min(step - warmup, span) / span))
+
+    return factor
+
+
+def run_langevin_adam(
+    x: torch.Tensor,
+    objective: Callable[[], torch.Tensor],
+    *,
+    iterations: int,
+    lr: float,
+    generator: torch.Generator,
+    warmup: int = 50,
+    noise: float = 0.0,
+    signed: bool = False,
+    lower: torch.Tensor | None = None,
+    upper: torch.Tensor | None = None,
+    on_step: Callable[[int], None] | None = None,
+    project: Callable[[torch.Tensor], None] | None = None,
+) -> tuple[float, int, bool]:
+    """GradInversion's optimiser (Yin et al. 2021, as breaching runs it): Adam with a linear
+    warm-up then cosine decay, Langevin noise ``noise * lr_t * N(0, 1)`` added to the gradient
+    (drawn from ``generator``), optionally its sign, and the image boxed after every step.
+    ``on_step(step)`` runs before each step (e.g. to refresh a group consensus), ``project(x)``
+    after it, before the box. Stops cleanly
+    on divergence, restoring the last finite ``x``; returns (final loss, steps run, diverged)."""
+    opt = torch.optim.Adam([x], lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(iterations, warmup))
+    saved = x.detach().clone()
+    last = math.inf
+    for step in range(iterations):
+        if on_step is not None:
+            on_step(step)
+        opt.zero_grad(set_to_none=False)
+        loss = objective()
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            with torch.no_grad():
+                x.copy_(saved)
+            return last, step, True
+        (grad,) = torch.autograd.grad(loss, [x])
+        if noise > 0:
+            step_size = opt.param_groups[0]["lr"]
+            grad = grad + noise * step_size * torch.randn(
+                x.shape, generator=generator, device=x.device, dtype=x.dtype
+            )
+        x.grad = grad.sign() if signed else grad
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            if project is not None:
+                project(x)
+            if lower is not None and upper is not None:
+                torch.maximum(torch.minimum(x, upper, out=x), lower, out=x)
+            saved.copy_(x)
         last = value
     return _final(objective, last), iterations, False

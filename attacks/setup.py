@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from attacks.labels import batch_labels
+from attacks.labels import batch_labels, infer_labels, last_layer_of
+from attacks.metrics import flat_value
 from attacks.objectives import select_parameters
 from fl.simulation.observation import Observation
 
@@ -19,7 +20,8 @@ class InversionSetup:
 
     ``target`` is the gradient (FedSGD) or the weight update ``W_t - W_{t+1}`` (FedAvg), per
     matched parameter. ``lower``/``upper`` bound the model's input space so that images stay in
-    [0, 1] after denormalisation (shape (1, C, 1, 1)).
+    [0, 1] after denormalisation (shape (1, C, 1, 1)). ``observation`` is kept for label
+    inference (:func:`attacks.labels.infer_labels` reads the model and the message's bias).
     """
 
     model: nn.Module
@@ -30,6 +32,8 @@ class InversionSetup:
     lower: torch.Tensor
     upper: torch.Tensor
     last_layer_update: torch.Tensor
+    flat: tuple[float, ...] = (0.5,)
+    observation: Observation | None = None
 
     @classmethod
     def from_observation(
@@ -65,36 +69,43 @@ class InversionSetup:
             lower=(0 - mean) / std,
             upper=(1 - mean) / std,
             last_layer_update=full[last_name].detach(),
+            flat=flat_value(obs.mean, obs.std),
+            observation=obs,
         )
 
     def dummy(self, generator: torch.Generator, init: str = "randn") -> torch.Tensor:
         """A dummy batch in the model's input space: N(0, 1) ("randn", DLG/IG), uniform over
-        the valid box ("rand"), or the mid-grey image ("zeros" in [0,1] terms: 0.5)."""
+        the valid box ("rand"), the mid-grey image ("grey": 0.5 in [0, 1]), or the flat image
+        at the dataset mean ("mean", Hatamizadeh et al. 2023: the observation's normalisation
+        mean, else 0.5; the trivial baseline of ``psnr_gain``)."""
         device = self.lower.device
         if init == "randn":
             x = torch.randn(self.shape, generator=generator, device=device)
         elif init == "rand":
             u = torch.rand(self.shape, generator=generator, device=device)
             x = self.lower + u * (self.upper - self.lower)
-        elif init == "grey":
-            x = (self.lower + 0.5 * (self.upper - self.lower)).expand(self.shape).clone()
+        elif init in ("grey", "mean"):
+            value = torch.tensor(self.flat if init == "mean" else (0.5,), device=device)
+            level = value.view(1, -1, 1, 1)
+            x = (self.lower + level * (self.upper - self.lower)).expand(self.shape).clone()
         else:
-            raise ValueError(f"unknown init {init!r}; use 'randn', 'rand' or 'grey'")
+            raise ValueError(f"unknown init {init!r}; use 'randn', 'rand', 'grey' or 'mean'")
         return x.requires_grad_(True)
 
     def inferred_labels(self) -> torch.Tensor:
-        """Labels from the last layer's update (iDLG rule for one image, a count rule for more)."""
-        labels = batch_labels(self.last_layer_update, self.shape[0])
+        """Labels from the last layer's update: :func:`attacks.labels.infer_labels` (``auto``:
+        iDLG's exact rule for one image, iLRG guarded by the bias-corrected rule for a batch's
+        gradient or one-step update) when the observation is kept, else the sign-and-magnitude
+        rule :func:`attacks.labels.batch_labels` on ``last_layer_update``."""
+        if self.observation is not None:
+            labels = infer_labels(self.observation)
+        else:
+            labels = batch_labels(self.last_layer_update, self.shape[0])
         return labels.to(self.lower.device)
 
 
 def _last_layer_weight_name(model: nn.Module) -> str:
-    last = model.last_layer() if hasattr(model, "last_layer") else None
-    if last is None:
-        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-        if not linears:
-            raise ValueError("label inference needs a final nn.Linear layer")
-        last = linears[-1]
+    last = last_layer_of(model)
     for name, p in model.named_parameters():
         if p is last.weight:
             return name

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict
 
+from attacks.bn_stats import batchnorm_layers
 from fl.simulation.observation import ALGORITHM_OF, MessageKind, Observation
 
 
@@ -59,6 +60,7 @@ class Requirements(BaseModel):
     lr: bool = False
     local_steps: bool = False
     num_examples: bool = True
+    bn_stats: bool = False
 
     def check(self, obs: Observation, attack: str) -> None:
         """Raise :class:`ThreatModelError` if ``obs`` lacks something this attack requires."""
@@ -76,6 +78,16 @@ class Requirements(BaseModel):
             missing.append("the local learning rate (knows_lr=True)")
         if self.local_steps and obs.local_steps is None:
             missing.append("the number of local steps (knows_local_steps=True)")
+        if self.bn_stats and not batchnorm_layers(obs.model):
+            raise ThreatModelError(
+                f"attack {attack!r} matches BatchNorm statistics, but the model has no "
+                "BatchNorm layer with running statistics; use it without its BatchNorm prior"
+            )
+        if self.bn_stats and not any(k.endswith("running_mean") for k in obs.buffers):
+            missing.append(
+                "the BatchNorm statistics of the private batch (the returned running buffers; "
+                "knows_bn_stats=True)"
+            )
         if self.num_examples and obs.num_examples < 1:
             missing.append("the number of examples")
         if missing:

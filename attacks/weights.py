@@ -26,7 +26,7 @@ class DLMParams(AttackParams):
     max_iter: int = Field(20, ge=1, description="L-BFGS evaluations per step.")
     scale_init: float = Field(200.0, gt=0, description="Initial k (stands for 1/lr).")
     labels: LabelMode = "auto"
-    init: Literal["randn", "rand", "grey"] = "randn"
+    init: Literal["randn", "rand", "grey", "mean"] = "randn"
     ignore_layers: list[str] = Field(default_factory=list)
 
 

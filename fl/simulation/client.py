@@ -86,6 +86,19 @@ def _standard_gradients(
     return dict(zip(params.keys(), grads, strict=True)), float(loss.detach())
 
 
+def _loss_for_log(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> float:
+    """The batch's cross-entropy for the client's loss log, by a forward that leaves the
+    model's buffers as they were: the defense's own forward already updated the BatchNorm
+    running statistics once, as the step's one forward does (a second update would change what
+    the returned buffers tell the server)."""
+    saved = {k: b.detach().clone() for k, b in model.named_buffers()}
+    with torch.no_grad():
+        loss = float(F.cross_entropy(model(inputs), labels))
+        for k, b in model.named_buffers():
+            b.copy_(saved[k])
+    return loss
+
+
 def _batches(
     n: int, batch_size: int, steps: int, rng: np.random.Generator | None
 ) -> list[np.ndarray]:
@@ -189,8 +202,7 @@ def run_client(
             grads, loss = _standard_gradients(model, inputs, y, hooks, ctx)
         else:
             grads = custom
-            with torch.no_grad():
-                loss = float(F.cross_entropy(model(inputs), y))
+            loss = _loss_for_log(model, inputs, y)
         losses.append(loss)
         if algorithm == "fedavg":
             with torch.no_grad():
