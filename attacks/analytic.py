@@ -33,6 +33,7 @@ class AnalyticParams(AttackParams):
     ``restarts=1``), ``seed`` changes nothing. Labels are granted or inferred from the last
     layer (no soft labels: there is no optimisation to learn them)."""
 
+    iterations: int = Field(1, ge=1, description="Unused: the attack is closed-form.")
     labels: Literal["auto", "known", "infer"] = "auto"
     min_bias_grad: float = Field(
         1e-4,

@@ -143,6 +143,11 @@ class Attack(ABC, Generic[P]):
         """The requirements for this observation (some attacks need more for FedAvg)."""
         return self.requirements
 
+    def needs_bn_stats(self) -> bool:
+        """Whether this attack, so configured, matches the BatchNorm statistics of the private
+        batch (then it requires ``AttackerCapabilities(knows_bn_stats=True)``)."""
+        return self.requirements.bn_stats
+
     @abstractmethod
     def attempt(self, obs: Observation, generator: torch.Generator, restart: int) -> Attempt:
         """Run one restart and return its reconstruction in the model's input space."""

@@ -80,8 +80,11 @@ class InvertingGradients(Attack[InvertingGradientsParams]):
     Params = InvertingGradientsParams
     requirements = Requirements(kinds=("gradient", "weights"))
 
+    def needs_bn_stats(self) -> bool:
+        return self.params.bn_prior > 0 or self.params.bn_project
+
     def requirements_for(self, obs: Observation) -> Requirements:
-        bn = self.params.bn_prior > 0 or self.params.bn_project
+        bn = self.needs_bn_stats()
         if obs.kind == "weights":
             return Requirements(kinds=("weights",), lr=True, local_steps=True, bn_stats=bn)
         return Requirements(kinds=("gradient",), bn_stats=bn)

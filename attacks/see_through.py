@@ -84,6 +84,7 @@ class SeeThroughGradients(Attack[SeeThroughGradientsParams]):
     """
 
     Params = SeeThroughGradientsParams
+    requirements = Requirements(kinds=("gradient", "weights"), bn_stats=True)
 
     def requirements_for(self, obs: Observation) -> Requirements:
         if obs.kind == "weights":

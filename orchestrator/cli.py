@@ -155,7 +155,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     """List datasets, models, defenses (with their search ranges), attacks and metrics."""
-    from attacks import attack_class, available_attacks
+    from attacks import AttackParams, attack_class, available_attacks
+    from attacks.labels import LABEL_RULES
     from defenses import available_defenses, defense_class
     from fl import data, models
     from orchestrator.metrics import COST_PER_ATTACK, PRIVACY, known_metrics
@@ -180,11 +181,17 @@ def cmd_list(args: argparse.Namespace) -> int:
                     + (" log" if spec.log else "")
                 )
             print(f"      {key} = {default!r}{rng}")
-    print("attacks:")
+    print(f"attacks (every one also takes {', '.join(AttackParams.model_fields)}):")
     for name in available_attacks():
         cls = attack_class(name)
         kinds = "/".join(cls.requirements.kinds)
-        print(f"  {name} ({kinds}): {(cls.__doc__ or '').strip().splitlines()[0]}")
+        needs = "; needs knows_bn_stats" if cls.requirements.bn_stats else ""
+        print(f"  {name} ({kinds}{needs}): {(cls.__doc__ or '').strip().splitlines()[0]}")
+        for key, field in cls.Params.model_fields.items():
+            if key not in AttackParams.model_fields or key == "iterations":
+                default = field.default_factory() if field.default_factory else field.default
+                print(f"      {key} = {default!r}")
+    print("label inference rules (attacks.infer_labels):", ", ".join(["auto", *LABEL_RULES]))
     per_attack = [f"<attack>_{p}" for p in (*PRIVACY, COST_PER_ATTACK)]
     print("metrics (per attack: " + ", ".join(per_attack) + "):")
     print("  " + ", ".join(known_metrics()))

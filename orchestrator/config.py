@@ -125,7 +125,13 @@ class AttackSection(BaseModel):
 
     @model_validator(mode="after")
     def _params(self) -> AttackSection:
-        attack_class(self.name)(**self.params)  # raises AttackConfigError naming the field
+        attack = attack_class(self.name)(**self.params)  # AttackConfigError names the field
+        if attack.needs_bn_stats() and not self.capabilities.knows_bn_stats:
+            raise ValueError(
+                f"attack {self.name!r} (so configured) matches the BatchNorm statistics the "
+                "client's returned buffers reveal; grant them with capabilities: "
+                "{knows_bn_stats: true}, or drop its BatchNorm prior"
+            )
         return self
 
     @property

@@ -37,6 +37,8 @@ BAD = [
     ({"attacks": [{"name": "idlg", "victims": 3}]}, "victims"),
     ({"attacks": [{"name": "dlm_plus"}]}, "weights messages"),
     ({"attacks": [{"name": "idlg", "params": {"iters": 3}}]}, "iters"),
+    ({"attacks": [{"name": "see_through_gradients"}]}, "knows_bn_stats: true"),
+    ({"attacks": [{"name": "inverting_gradients", "params": {"bn_prior": 0.1}}]}, "BatchNorm"),
     ({"objectives": [{"metric": "psnr", "mode": "min"}]}, "known metrics"),
     ({"objectives": [{"metric": "test_accuracy", "mode": "up"}]}, "objectives.0.mode"),
     ({"search.sampler": "grid"}, "search.sampler"),
@@ -99,7 +101,11 @@ def test_every_study_in_studies_folder_validates(shared_dir) -> None:
 def test_list_command_names_everything(capsys) -> None:
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    for name in ("pneumoniamnist", "convnet", "precode", "shadow", "dlm_plus", "attack_psnr_max"):
+    for name in (
+        "pneumoniamnist", "convnet", "precode", "shadow", "dlm_plus", "attack_psnr_max",
+        "analytic", "see_through_gradients (gradient/weights; needs knows_bn_stats)",
+        "attack_psnr_gain_max",
+    ):  # fmt: skip
         assert name in out
 
 

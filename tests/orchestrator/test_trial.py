@@ -33,6 +33,30 @@ def test_trial_command_prints_json_metrics(tiny_study, capsys) -> None:
     assert costs["seconds_train"] > 0 and costs["peak_memory_mb"] > 0
 
 
+def test_the_batchnorm_and_analytic_attacks_run_in_a_study(tiny_study, capsys) -> None:
+    """A study file can use every new attack: on a BatchNorm ConvNet, GradInversion and
+    Inverting Gradients with its BatchNorm prior (statistics granted); on the MLP, analytic."""
+    granted = {"knows_bn_stats": True}
+    bn_attacks = [
+        {"name": "see_through_gradients", "params": {"iterations": 3}, "capabilities": granted},
+        {
+            "name": "inverting_gradients",
+            "label": "ig_bn",
+            "params": {"iterations": 3, "bn_prior": 0.1, "bn_project": True, "init": "mean"},
+            "capabilities": granted,
+        },
+    ]
+    changes = {"model": {"name": "convnet", "width": 4}, "attacks": bn_attacks}
+    assert main(["trial", str(tiny_study(changes)), "--set", "defense=none"]) == 0
+    metrics = json.loads(capsys.readouterr().out)["metrics"]
+    for key in ("see_through_gradients", "ig_bn"):
+        assert metrics[f"{key}_psnr_max"] > 0 and metrics[f"{key}_label_accuracy"] is not None
+    path = tiny_study({"attacks": [{"name": "analytic"}]})
+    assert main(["trial", str(path), "--set", "defense=none"]) == 0
+    metrics = json.loads(capsys.readouterr().out)["metrics"]
+    assert metrics["analytic_psnr_max"] >= 60  # exact for one of the client's two images
+
+
 def test_trial_command_rejects_unknown_hyperparameter(tiny_study, capsys) -> None:
     assert main(["trial", str(tiny_study()), "--set", "defense=prune", "--set", "prune.pct=5"]) == 2
     assert "no hyperparameter 'pct'" in capsys.readouterr().err

@@ -1,0 +1,601 @@
+"""Calibration table of gradient-inversion attacks on CNN clients with BatchNorm in train mode.
+
+What it measures: for each dataset (RetinaMNIST and PneumoniaMNIST test images resized 28 -> 32
+px bilinear, chosen by ``--seed``; scikit-image photographs at 32 px with fixed random labels
+over 10 classes), model (Inverting Gradients' ConvNet at width 16 and 32, ResNet-18 with its
+small-image stem, all with BatchNorm), model state (seeded initialisation, or after 5 FedAvg
+rounds on a 400-image subset of the training split: 4 clients, 1 local epoch at batch 32, lr
+0.05 -- ``TRAINING``, ``--train lr=0.1`` overrides; cached under ``--cache``; the time it took
+and the test accuracy are printed), batch size and method, the victim's client step is
+observed in train mode (the FedSGD gradient, or ``--algorithm fedavg``: the weights after
+``--local-steps`` SGD steps) with the input normalised by the training split's per-channel
+mean/std (photos: their own), each method reconstructs it, and the canonical metric protocol
+(``attacks.metrics.score``) scores it. Per row: the mean over ``--images`` victims (batch B:
+that many batches of B different images) of PSNR, PSNR gain over the flat image at the
+normalisation mean, SSIM, LPIPS, label accuracy, the median seconds, and ``vs ig`` (mean PSNR
+minus that of the group's "ig" row, which runs first). The "flat" row is that flat image itself
+(gain 0). A summary line per group follows the table.
+
+Methods are the ``METHODS`` registry below (label -> registered attack, parameters); every
+method gets ``--iterations`` and ``--restarts``; ``--param ig.tv=0.1`` overrides one parameter
+(value parsed as JSON or a Python literal). The attacker knows the BatchNorm statistics (the
+returned buffers) and, with ``--labels known``, the labels.
+
+    python benchmarks/cnn_attacks.py [--datasets retinamnist pneumoniamnist photos]
+        [--models convnet16 convnet32 resnet18] [--states untrained fedavg5] [--batches 1 4]
+        [--methods ig ig_bn ig_bn_project stg] [--param ig_bn.bn_prior=0.1] [--iterations 1500]
+        [--restarts 1] [--images 4] [--labels known|infer] [--algorithm fedsgd|fedavg]
+        [--lr 0.01] [--local-steps 1] [--train KEY=VALUE] [--seed 0]
+        [--data-root ../shared/data] [--cache ~/.cache/obscura/cnn_attacks]
+        [--json results.jsonl] [--threads N] [--device auto]
+    python benchmarks/cnn_attacks.py --datasets photos --models convnet16 --states untrained \\
+        --batches 1 --iterations 200 --images 2 --threads 1        # a quick look
+
+``--json PATH`` appends one JSON object per line (JSON Lines) after every victim, so a killed run
+keeps what it measured. LPIPS uses OBSCURA_LPIPS_BACKBONE, or
+../shared/weights/lpips_alexnet_features.pth when present. Run on an idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import _isolate  # noqa: F401  (first: keeps the attacks package importable)
+import torch
+
+from attacks import AttackConfigError, AttackerCapabilities, get_attack
+from attacks.metrics import flat_value, score, score_images
+from attacks.samples import sample_images
+from fl import data, models
+from fl.simulation import (
+    FederationConfig,
+    PartitionConfig,
+    Simulator,
+    evaluate,
+    observe_client_step,
+    resolve_device,
+)
+from fl.simulation.observation import GroundTruth, Observation
+
+SIZE = 32
+PHOTO_CLASSES = 10
+PHOTO_POOL = 30  # every photograph crop attacks.samples has
+
+#: Method label -> (registered attack, parameters over its defaults).
+METHODS: dict[str, tuple[str, dict[str, object]]] = {
+    "ig": ("inverting_gradients", {"tv": 0.2}),
+    "ig_bn": ("inverting_gradients", {"tv": 0.2, "bn_prior": 0.3, "init": "mean"}),
+    "ig_bn_project": (
+        "inverting_gradients",
+        {"tv": 0.2, "bn_prior": 0.3, "init": "mean", "bn_project": True},
+    ),
+    "stg": ("see_through_gradients", {}),
+    "stg_project": ("see_through_gradients", {"bn_project": True, "init": "mean"}),
+}
+
+#: Model label -> (registered model, options); every one has BatchNorm.
+MODELS: dict[str, tuple[str, dict[str, object]]] = {
+    "convnet16": ("convnet", {"width": 16, "norm": "batch"}),
+    "convnet32": ("convnet", {"width": 32, "norm": "batch"}),
+    "resnet18": ("resnet18", {"small_stem": True, "norm": "batch"}),
+}
+
+#: Dataset label -> registered MedMNIST dataset, or None for the scikit-image photographs.
+DATASETS: dict[str, str | None] = {
+    "retinamnist": "retinamnist",
+    "pneumoniamnist": "pneumoniamnist",
+    "photos": None,
+}
+
+#: The FedAvg training of the "fedavg5" state (CPU-cheap; part of the cache key).
+TRAINING: dict[str, Any] = {
+    "rounds": 5,
+    "clients": 4,
+    "subset": 400,
+    "local_epochs": 1,
+    "batch_size": 32,
+    "lr": 0.05,
+}
+STATES = ("untrained", "fedavg5")
+
+
+@dataclass
+class Source:
+    """One dataset's victim pool: images in [0, 1] in the order victims take them, labels,
+    the normalisation statistics and, for MedMNIST, the training split."""
+
+    name: str
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    train: data.ImageData | None = None
+    test: data.ImageData | None = None
+    indices: list[int] = field(default_factory=list)
+
+    @property
+    def channels(self) -> int:
+        """Image channels (1 for PneumoniaMNIST, 3 otherwise)."""
+        return int(self.images.shape[1])
+
+    def victim(self, i: int, batch: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """Victim ``i`` at batch size ``batch``: images, labels and their pool indices."""
+        sl = slice(i * batch, (i + 1) * batch)
+        return self.images[sl], self.labels[sl], self.indices[sl]
+
+
+def load_source(name: str, root: Path, count: int, seed: int) -> Source:
+    """``count`` victim images of dataset ``name`` chosen by ``seed`` (see the module docstring).
+
+    Raises:
+        ValueError: more photographs asked for than exist.
+    """
+    g = torch.Generator().manual_seed(seed)
+    registered = DATASETS[name]
+    if registered is None:
+        if count > PHOTO_POOL:
+            raise ValueError(f"photos: {count} images asked for, only {PHOTO_POOL} exist")
+        pool = sample_images(SIZE, PHOTO_POOL)
+        labels = torch.randint(0, PHOTO_CLASSES, (PHOTO_POOL,), generator=g)
+        idx = torch.randperm(PHOTO_POOL, generator=g)[:count]
+        mean = tuple(float(v) for v in pool.mean(dim=(0, 2, 3)))
+        std = tuple(float(v) for v in pool.std(dim=(0, 2, 3)))
+        return Source(
+            name, pool[idx], labels[idx], PHOTO_CLASSES, mean, std, None, None, idx.tolist()
+        )
+    train = data.load(registered, root=root, split="train", image_size=SIZE)
+    test = data.load(registered, root=root, split="test", image_size=SIZE)
+    idx = torch.randperm(len(test), generator=g)[:count]
+    return Source(
+        name,
+        test.float_images(idx),
+        test.labels[idx].long(),
+        train.info.num_classes,
+        tuple(train.mean),
+        tuple(train.std),
+        train,
+        test,
+        idx.tolist(),
+    )
+
+
+def build_model(label: str, source: Source, seed: int) -> torch.nn.Module:
+    """Model ``label`` for ``source``'s images, initialised from ``seed``."""
+    arch, opts = MODELS[label]
+    torch.manual_seed(seed)
+    return models.build(
+        arch, channels=source.channels, classes=source.classes, image_size=SIZE, **opts
+    )
+
+
+def trained_model(label: str, source: Source, bench: Bench) -> torch.nn.Module:
+    """Model ``label`` after the FedAvg run ``bench.training`` on ``source``'s training split,
+    from ``--cache`` when an earlier run stored it (keyed by model, dataset, seed, training)."""
+    assert source.train is not None and source.test is not None
+    seed, training = bench.args.seed, bench.training
+    model = build_model(label, source, seed)
+    key = "-".join(f"{k}{v}" for k, v in training.items())
+    path = bench.args.cache / f"{label}_{source.name}_seed{seed}_{key}.pt"
+    if path.is_file():
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(stored["state"])
+        how = f"trained in {stored['seconds']:.1f} s by an earlier run, from {path}"
+    else:
+        g = torch.Generator().manual_seed(seed)
+        subset = source.train.subset(
+            torch.randperm(len(source.train), generator=g)[: training["subset"]]
+        )
+        cfg = FederationConfig(
+            algorithm="fedavg",
+            clients_per_round=training["clients"],
+            partition=PartitionConfig(scheme="iid"),
+            **{k: v for k, v in training.items() if k != "subset"},
+        )
+        t0 = time.perf_counter()
+        model = Simulator(model, subset, cfg, device=bench.device, seed=seed).run().model
+        stored = {"seconds": time.perf_counter() - t0}
+        stored["accuracy"] = evaluate(
+            model,
+            source.test.float_images(),
+            source.test.labels,
+            mean=source.mean,
+            std=source.std,
+            num_classes=source.classes,
+        )["accuracy"]
+        bench.args.cache.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        torch.save({**stored, "state": state}, path)
+        how = f"trained in {stored['seconds']:.1f} s, cached at {path}"
+    print(
+        f"{label} on {source.name}: {training['rounds']} FedAvg rounds ({key}), test accuracy "
+        f"{stored['accuracy']:.3f}; {how}",
+        flush=True,
+    )
+    bench.writer.write(
+        {"kind": "training", "model": label, "dataset": source.name, "key": key, "seed": seed}
+        | {"seconds": stored["seconds"], "accuracy": stored["accuracy"], "cache": str(path)}
+    )
+    return model.to(bench.device)
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, dict[str, object]]:
+    """``method.key=value`` strings -> {method: {key: value}}; value as JSON or a Python literal.
+
+    Raises:
+        ValueError: malformed item or unknown method.
+
+    Example:
+        >>> parse_overrides(["ig.tv=0.1", "stg.objective=cosine"])
+        {'ig': {'tv': 0.1}, 'stg': {'objective': 'cosine'}}
+    """
+    out: dict[str, dict[str, object]] = {}
+    for item in items:
+        target, sep, raw = item.partition("=")
+        method, dot, key = target.partition(".")
+        if not sep or not dot or not key:
+            raise ValueError(f"--param {item!r}: expected method.key=value")
+        if method not in METHODS:
+            raise ValueError(f"--param {item!r}: unknown method {method!r}; known: {list(METHODS)}")
+        out.setdefault(method, {})[key] = _literal(raw)
+    return out
+
+
+def parse_training(items: Sequence[str]) -> dict[str, Any]:
+    """``TRAINING`` with ``key=value`` overrides (not ``rounds``: the state is "fedavg5").
+
+    Raises:
+        ValueError: malformed item, unknown key, or a value that is not a positive number.
+
+    Example:
+        >>> parse_training(["lr=0.1"])["lr"], parse_training([])["subset"]
+        (0.1, 400)
+    """
+    out = dict(TRAINING)
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or key not in TRAINING or key == "rounds":
+            known = [k for k in TRAINING if k != "rounds"]
+            raise ValueError(f"--train {item!r}: expected KEY=VALUE with KEY one of {known}")
+        value = _literal(raw)
+        if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"--train {item!r}: the value must be a positive number")
+        out[key] = value
+    return out
+
+
+def _literal(raw: str) -> object:
+    """``raw`` as JSON, else as a Python literal, else the string itself (e.g. ``cosine``)."""
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        pass
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw
+
+
+@dataclass(frozen=True)
+class Group:
+    """One (dataset, model, state, batch) cell of the table."""
+
+    dataset: str
+    model: str
+    state: str
+    batch: int
+
+    def cells(self) -> str:
+        """The group's leading table cells."""
+        return f"| {self.dataset} | {self.model} | {self.state} | {self.batch} "
+
+
+class Writer:
+    """JSON Lines output, appended and flushed after every record (``--json``), or nothing."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Append ``record`` as one line."""
+        if self.path is not None:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(record, default=str) + "\n")
+
+
+HEADER = (
+    "| dataset | model | state | B | method | PSNR dB | gain dB | SSIM | LPIPS | label acc "
+    "| seconds | vs ig dB |"
+)
+
+
+def _fmt(value: float | None, digits: int) -> str:
+    """A table number (no "-0.00"), or n/a."""
+    return "n/a" if value is None else f"{round(value, digits) + 0.0:.{digits}f}"
+
+
+def _signed(value: float) -> str:
+    """A signed dB difference (no "-0.00")."""
+    return f"{round(value, 2) + 0.0:+.2f}"
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    """Mean of the values, None when any is None (e.g. LPIPS unavailable)."""
+    return None if not values or any(v is None for v in values) else statistics.fmean(values)  # type: ignore[arg-type]
+
+
+def print_row(group: Group, method: str, rows: list[dict[str, Any]], ig: float | None) -> float:
+    """Print one table row averaged over the victims' records; return its mean PSNR."""
+    psnr = statistics.fmean(r["psnr_mean"] for r in rows)
+    vs = "" if ig is None or method == "ig" else _signed(psnr - ig)
+    print(
+        group.cells()
+        + f"| {method} | {psnr:.2f} | {_fmt(_mean([r['psnr_gain_mean'] for r in rows]), 2)} "
+        f"| {_fmt(_mean([r['ssim_mean'] for r in rows]), 3)} "
+        f"| {_fmt(_mean([r['lpips_mean'] for r in rows]), 3)} "
+        f"| {_fmt(_mean([r['label_accuracy'] for r in rows]), 2)} "
+        f"| {statistics.median(r['seconds'] for r in rows):.1f} | {vs} |"
+        + (" diverged" if any(r.get("diverged") for r in rows) else ""),
+        flush=True,
+    )
+    return psnr
+
+
+def method_params(
+    method: str, args: argparse.Namespace, overrides: dict[str, dict[str, object]]
+) -> tuple[str, dict[str, object]]:
+    """Registered attack and parameters of ``method``: the ``METHODS`` entry, then
+    ``--iterations``, ``--restarts`` and seed 0, then the ``--param`` overrides."""
+    attack, base = METHODS[method]
+    merged = {**base, "iterations": args.iterations, "restarts": args.restarts, "seed": 0}
+    return attack, {**merged, **overrides.get(method, {})}
+
+
+@dataclass
+class Bench:
+    """What every measurement of one run shares: the options, where results go, LPIPS."""
+
+    args: argparse.Namespace
+    device: torch.device
+    writer: Writer
+    lpips_backbone: str | None
+    overrides: dict[str, dict[str, object]]
+    training: dict[str, Any]
+
+    @property
+    def capabilities(self) -> AttackerCapabilities:
+        """The attacker: BatchNorm statistics known, labels as ``--labels`` says."""
+        return AttackerCapabilities(knows_labels=self.args.labels == "known", knows_bn_stats=True)
+
+    def params(self, method: str) -> tuple[str, dict[str, object]]:
+        """Registered attack and parameters of ``method`` (registry, options, overrides)."""
+        return method_params(method, self.args, self.overrides)
+
+    def observe(
+        self, model: torch.nn.Module, source: Source, group: Group
+    ) -> list[tuple[Observation, GroundTruth, list[int]]]:
+        """The client steps of the group's ``--images`` victims."""
+        out = []
+        for i in range(self.args.images):
+            x, y, idx = source.victim(i, group.batch)
+            obs, truth = observe_client_step(
+                model,
+                x.to(self.device),
+                y.to(self.device),
+                algorithm=self.args.algorithm,
+                lr=self.args.lr,
+                local_steps=self.args.local_steps,
+                mean=source.mean,
+                std=source.std,
+                reveal_labels=self.args.labels == "known",
+                seed=i,
+            )
+            out.append((obs, truth, idx))
+        return out
+
+    def record(self, group: Group, method: str, victim: int, idx: list[int], s: dict) -> dict:
+        """A per-victim record: the group, the method and its scores; written to ``--json``."""
+        row = {
+            **group.__dict__,
+            "kind": "victim",
+            "method": method,
+            "victim": victim,
+            "indices": idx,
+            "algorithm": self.args.algorithm,
+            "labels": self.args.labels,
+            **s,
+        }
+        self.writer.write(row)
+        return row
+
+
+def flat_rows(bench: Bench, group: Group, victims: list, source: Source) -> list[dict[str, Any]]:
+    """Scores of the flat image at the normalisation mean, one record per victim."""
+    rows = []
+    value = flat_value(source.mean, source.std)
+    for i, (_, truth, idx) in enumerate(victims):
+        flat = torch.tensor(value).view(1, -1, 1, 1).expand_as(truth.images).clone()
+        s = score_images(
+            flat, truth.images, flat=value, device=bench.device, lpips_backbone=bench.lpips_backbone
+        )
+        s.update(label_accuracy=None, seconds=0.0)
+        rows.append(bench.record(group, "flat", i, idx, _keep(s)))
+    return rows
+
+
+def method_rows(bench: Bench, group: Group, method: str, victims: list) -> list[dict[str, Any]]:
+    """Run ``method`` on every victim of the group and score it, one record per victim."""
+    attack_name, params = bench.params(method)
+    rows = []
+    for i, (obs, truth, idx) in enumerate(victims):
+        attack = get_attack(attack_name, **params)
+        rec = attack.run(obs, bench.capabilities)
+        s = score(rec, truth, device=bench.device, lpips_backbone=bench.lpips_backbone)
+        s.update(
+            attack=attack_name,
+            params=params,
+            seconds=rec.seconds,
+            iterations=rec.iterations,
+            loss=rec.loss,
+            diverged=rec.diverged,
+            label_source=rec.label_source,
+        )
+        rows.append(bench.record(group, method, i, idx, _keep(s)))
+    return rows
+
+
+def _keep(s: dict[str, Any]) -> dict[str, Any]:
+    """The score entries worth storing (drops the assignment bookkeeping)."""
+    return {k: v for k, v in s.items() if k not in ("assignment", "assignment_cost")}
+
+
+def run_group(
+    bench: Bench, group: Group, model: torch.nn.Module, source: Source
+) -> dict[str, float]:
+    """Print the group's flat row and one row per method; return PSNR gains over "ig"."""
+    victims = bench.observe(model, source, group)
+    print_row(group, "flat", flat_rows(bench, group, victims, source), None)
+    order = sorted(bench.args.methods, key=lambda m: m != "ig")  # "ig" first: others vs it
+    ig: float | None = None
+    psnr: dict[str, float] = {}
+    for method in order:
+        psnr[method] = print_row(group, method, method_rows(bench, group, method, victims), ig)
+        if method == "ig":
+            ig = psnr[method]
+    return {m: v - ig for m, v in psnr.items() if ig is not None and m != "ig"}
+
+
+def run_all(bench: Bench) -> list[tuple[Group, dict[str, float]]]:
+    """Every (dataset, model, state, batch) group in turn; returns each group's gains."""
+    a = bench.args
+    summaries = []
+    for dataset in a.datasets:
+        source = load_source(dataset, a.data_root, a.images * max(a.batches), a.seed)
+        for label in a.models:
+            for state in a.states:
+                if state == "fedavg5" and source.train is None:
+                    print(f"{dataset}: no training split, state {state} skipped", flush=True)
+                    continue
+                model = STATE_BUILDERS[state](label, source, bench)
+                for batch in a.batches:
+                    group = Group(dataset, label, state, batch)
+                    summaries.append((group, run_group(bench, group, model, source)))
+    return summaries
+
+
+STATE_BUILDERS: dict[str, Callable[[str, Source, Bench], torch.nn.Module]] = {
+    "untrained": lambda label, source, bench: build_model(label, source, bench.args.seed).to(
+        bench.device
+    ),
+    "fedavg5": trained_model,
+}
+"""State -> (model label, source, bench) -> the victims' global model."""
+
+
+def lpips_backbone() -> str | None:
+    """OBSCURA_LPIPS_BACKBONE, else ../shared/weights/lpips_alexnet_features.pth when present."""
+    if os.environ.get("OBSCURA_LPIPS_BACKBONE"):
+        return os.environ["OBSCURA_LPIPS_BACKBONE"]
+    shared = (
+        Path(__file__).resolve().parents[1].parent / "shared/weights/lpips_alexnet_features.pth"
+    )
+    return str(shared) if shared.exists() else None
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line (see the module docstring)."""
+    root = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data-root", type=Path, default=root, help="MedMNIST .npz folder")
+    p.add_argument("--datasets", nargs="+", choices=list(DATASETS), default=list(DATASETS))
+    p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    p.add_argument("--states", nargs="+", choices=STATES, default=list(STATES))
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 4])
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    p.add_argument(
+        "--param", action="append", default=[], metavar="METHOD.KEY=VALUE", help="override"
+    )
+    p.add_argument(
+        "--train",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override the fedavg5 training ({', '.join(k for k in TRAINING if k != 'rounds')})",
+    )
+    p.add_argument("--iterations", type=int, default=1500, help="every method's iterations")
+    p.add_argument("--restarts", type=int, default=1)
+    p.add_argument("--images", type=int, default=4, help="victims per row")
+    p.add_argument("--labels", choices=["known", "infer"], default="known")
+    p.add_argument("--algorithm", choices=["fedsgd", "fedavg"], default="fedsgd")
+    p.add_argument("--lr", type=float, default=0.01, help="FedAvg client learning rate")
+    p.add_argument("--local-steps", type=int, default=1, help="FedAvg client steps")
+    p.add_argument("--seed", type=int, default=0, help="model initialisation and victim choice")
+    p.add_argument(
+        "--cache",
+        type=Path,
+        default=Path.home() / ".cache" / "obscura" / "cnn_attacks",
+        help="folder of the trained states",
+    )
+    p.add_argument("--json", type=Path, default=None, help="JSON Lines of per-victim numbers")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    p.add_argument("--device", default="auto")
+    args = p.parse_args(argv)
+    for name in ("iterations", "restarts", "images", "local_steps"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if min(args.batches) < 1:
+        p.error("--batches must be at least 1")
+    if "photos" in args.datasets and args.images * max(args.batches) > PHOTO_POOL:
+        p.error(f"photos: --images x the largest of --batches must be at most {PHOTO_POOL}")
+    try:
+        args.overrides = parse_overrides(args.param)
+        args.training = parse_training(args.train)
+        for method in args.methods:  # a bad parameter fails now, not after hours of training
+            name, params = method_params(method, args, args.overrides)
+            get_attack(name, **params)
+    except (ValueError, AttackConfigError) as exc:
+        p.error(str(exc))
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the table (see the module docstring); returns the exit status."""
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, writer = resolve_device(args.device), Writer(args.json)
+    bench = Bench(args, device, writer, lpips_backbone(), args.overrides, args.training)
+    bench.writer.write({"kind": "run", "argv": sys.argv[1:] if argv is None else argv})
+    print(
+        f"device={bench.device} threads={torch.get_num_threads()} {SIZE} px, "
+        f"{args.algorithm}, labels {args.labels}, {args.iterations} iterations, "
+        f"{args.restarts} restart(s), {args.images} victims per row, "
+        f"LPIPS backbone {bench.lpips_backbone or 'none (LPIPS n/a)'}"
+    )
+    print(HEADER)
+    print("|" + "|".join("---" for _ in HEADER.split("|")[1:-1]) + "|", flush=True)
+    t0 = time.perf_counter()
+    summaries = run_all(bench)
+    print()
+    for group, gains in summaries:
+        alone = "(no other method)" if "ig" in args.methods else "(no ig row)"
+        text = ", ".join(f"{m} {_signed(g)} dB" for m, g in gains.items()) or alone
+        print(f"- {group.dataset} {group.model} {group.state} B={group.batch}: vs ig: {text}")
+    print(f"total {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
