@@ -12,7 +12,7 @@ from pydantic import Field
 from attacks.base import Attack, AttackParams, Attempt, register_attack
 from attacks.batched import run_batched, victims_obstacle
 from attacks.label_modes import LabelMode, plan_labels
-from attacks.matching import bn_prior, matching, mean_projection
+from attacks.matching import bn_prior, matching, mean_projection, revealed_statistics
 from attacks.objectives import (
     cosine_distance,
     layer_weights,
@@ -96,8 +96,9 @@ class InvertingGradients(Attack[InvertingGradientsParams]):
         plan = plan_labels(p.labels, "infer", obs, setup, generator)
         weights = layer_weights(p.layer_weights, len(setup.target), x.device)
         matched = matching(obs, setup, plan.targets)
-        prior = bn_prior(obs, setup, p.bn_prior, p.bn_first_multiplier)
-        project = mean_projection(obs, setup, x, p.bn_project)
+        revealed = revealed_statistics(obs, self.needs_bn_stats())
+        prior = bn_prior(revealed, setup, p.bn_prior, p.bn_first_multiplier)
+        project = mean_projection(revealed, setup, x, p.bn_project)
         target_sq_norm = weighted_sq_norm(setup.target, weights)
 
         def objective() -> torch.Tensor:

@@ -8,7 +8,12 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from attacks.bn_stats import BatchNormRecorder, FirstLayerMeans, batchnorm_targets
+from attacks.bn_stats import (
+    BatchNormRecorder,
+    BatchNormTarget,
+    FirstLayerMeans,
+    batchnorm_targets,
+)
 from attacks.gradient import unrolled_update
 from attacks.objectives import dummy_gradients
 from attacks.setup import InversionSetup
@@ -59,25 +64,33 @@ class BatchNormPrior:
         return self.weight * self.recorder.loss(self.first)
 
 
+def revealed_statistics(obs: Observation, needed: bool) -> dict[str, BatchNormTarget]:
+    """:func:`attacks.bn_stats.batchnorm_targets` of ``obs`` when an attack ``needed`` them
+    (derived once per attempt, for the prior and the projection alike), else ``{}``."""
+    return batchnorm_targets(obs) if needed else {}
+
+
 def bn_prior(
-    obs: Observation, setup: InversionSetup, weight: float, first_multiplier: float
+    targets: dict[str, BatchNormTarget],
+    setup: InversionSetup,
+    weight: float,
+    first_multiplier: float,
 ) -> BatchNormPrior:
-    """The BatchNorm prior for ``obs`` (its targets from the returned buffers), or an inactive
+    """The BatchNorm prior toward ``targets`` (:func:`revealed_statistics`), or an inactive
     one when ``weight`` is 0.
 
     Raises:
-        ValueError: ``weight`` > 0 but the observation has no BatchNorm statistics.
+        ValueError: ``weight`` > 0 but there are no BatchNorm statistics.
     """
     if weight <= 0:
         return BatchNormPrior(None, 0.0, first_multiplier)
-    targets = batchnorm_targets(obs)
     if not targets:
         raise ValueError("bn_prior > 0 needs a model with BatchNorm layers")
     return BatchNormPrior(BatchNormRecorder(setup.model, targets), weight, first_multiplier)
 
 
 def mean_projection(
-    obs: Observation, setup: InversionSetup, x: torch.Tensor, enabled: bool
+    targets: dict[str, BatchNormTarget], setup: InversionSetup, x: torch.Tensor, enabled: bool
 ) -> Callable[[torch.Tensor], None] | None:
     """:meth:`FirstLayerMeans.project` onto the first BatchNorm layer's revealed channel means
     when ``enabled`` (None otherwise).
@@ -87,7 +100,6 @@ def mean_projection(
     """
     if not enabled:
         return None
-    targets = batchnorm_targets(obs)
     if not targets:
         raise ValueError("bn_project needs a model with BatchNorm layers")
     name = next(iter(targets))

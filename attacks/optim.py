@@ -69,6 +69,19 @@ def _final(objective: Callable[[], torch.Tensor], fallback: float) -> float:
     return value if math.isfinite(value) else fallback
 
 
+def _constrain(
+    x: torch.Tensor,
+    project: Callable[[torch.Tensor], None] | None,
+    lower: torch.Tensor | None,
+    upper: torch.Tensor | None,
+) -> None:
+    """After an optimiser step: the in-place ``project(x)`` when given, then the box."""
+    if project is not None:
+        project(x)
+    if lower is not None and upper is not None:
+        torch.maximum(torch.minimum(x, upper, out=x), lower, out=x)
+
+
 def run_signed_adam(
     x: torch.Tensor,
     objective: Callable[[], torch.Tensor],
@@ -191,10 +204,7 @@ def _signed_adam(
         if decay:
             sched.step()
         with torch.no_grad():
-            if project is not None:
-                project(x)
-            if lower is not None and upper is not None:
-                torch.maximum(torch.minimum(x, upper, out=x), lower, out=x)
+            _constrain(x, project, lower, upper)
             for v in frozen:
                 x[v].copy_(saved[0][v])
             for var, s in zip(variables, saved, strict=True):
@@ -302,10 +312,7 @@ def run_langevin_adam(
         opt.step()
         sched.step()
         with torch.no_grad():
-            if project is not None:
-                project(x)
-            if lower is not None and upper is not None:
-                torch.maximum(torch.minimum(x, upper, out=x), lower, out=x)
+            _constrain(x, project, lower, upper)
             saved.copy_(x)
         last = value
     return _final(objective, last), iterations, False

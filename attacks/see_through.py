@@ -17,7 +17,14 @@ from scipy.optimize import linear_sum_assignment
 
 from attacks.base import Attack, AttackParams, Attempt, register_attack
 from attacks.label_modes import LabelMode, plan_labels
-from attacks.matching import BatchNormPrior, Matched, bn_prior, matching, mean_projection
+from attacks.matching import (
+    BatchNormPrior,
+    Matched,
+    bn_prior,
+    matching,
+    mean_projection,
+    revealed_statistics,
+)
 from attacks.objectives import cosine_distance, l2_distance, total_variation
 from attacks.optim import run_langevin_adam
 from attacks.setup import InversionSetup
@@ -99,9 +106,11 @@ class SeeThroughGradients(Attack[SeeThroughGradientsParams]):
         )
         members.requires_grad_(True)
         plan = plan_labels(p.labels, "infer", obs, setup, generator)
-        member_loss = self._member_loss(setup, matching(obs, setup, plan.targets), obs)
+        revealed = revealed_statistics(obs, True)
+        prior = bn_prior(revealed, setup, p.bn_prior, p.bn_first_multiplier)
+        member_loss = self._member_loss(setup, matching(obs, setup, plan.targets), prior)
         group = _Consensus(p.group_size)
-        project = mean_projection(obs, setup, members, p.bn_project)
+        project = mean_projection(revealed, setup, members, p.bn_project)
 
         def objective() -> torch.Tensor:
             losses = [member_loss(members[g]) for g in range(p.group_size)]
@@ -129,11 +138,10 @@ class SeeThroughGradients(Attack[SeeThroughGradientsParams]):
         return Attempt(best, plan.final_labels(), loss, steps, diverged, plan.source)
 
     def _member_loss(
-        self, setup: InversionSetup, matched: Matched, obs: Observation
+        self, setup: InversionSetup, matched: Matched, prior: BatchNormPrior
     ) -> Callable[[torch.Tensor], torch.Tensor]:
         """One member's loss: gradient distance, TV, image norm and BatchNorm prior."""
         p = self.params
-        prior: BatchNormPrior = bn_prior(obs, setup, p.bn_prior, p.bn_first_multiplier)
 
         def loss(x: torch.Tensor) -> torch.Tensor:
             with prior.recording():
