@@ -208,10 +208,12 @@ class BatchNormRecorder:
             for h in handles:
                 h.remove()
 
-    def loss(self, first_multiplier: float = 10.0) -> torch.Tensor:
+    def loss(self, first_multiplier: float = 10.0, relative: bool = False) -> torch.Tensor:
         """``sum_l c_l (||mean_l(x') - mean_l|| + ||var_l(x') - var_l||)``, ``c`` =
         ``first_multiplier`` for the first layer and 1 after, each side mixed over the
-        recorded forwards with the target's weights.
+        recorded forwards with the target's weights. ``relative``: each channel's difference
+        in units of the target (mean over the target's std, variance over its variance), as a
+        root mean square over channels, so the term does not depend on a layer's scale.
 
         Raises:
             ValueError: a layer saw a different number of forwards than its target mixes.
@@ -226,11 +228,26 @@ class BatchNormRecorder:
                 )
             mean = sum(w * m for w, (m, _) in zip(target.weights, seen, strict=True))
             var = sum(w * v for w, (_, v) in zip(target.weights, seen, strict=True))
-            term = torch.linalg.vector_norm(mean - target.mean) + torch.linalg.vector_norm(
-                var - target.var
-            )
+            distance = _relative_distance if relative else _distance
+            term = distance(mean, var, target)
             total = total + (first_multiplier if i == 0 else 1.0) * term
         return total if isinstance(total, torch.Tensor) else torch.zeros(())
+
+
+def _distance(mean: torch.Tensor, var: torch.Tensor, target: BatchNormTarget) -> torch.Tensor:
+    """DeepInversion's distance: the 2-norms of the mean and variance differences."""
+    return torch.linalg.vector_norm(mean - target.mean) + torch.linalg.vector_norm(var - target.var)
+
+
+def _relative_distance(
+    mean: torch.Tensor, var: torch.Tensor, target: BatchNormTarget
+) -> torch.Tensor:
+    """The differences in the target's units: RMS over channels of ``(mean - m) / sqrt(v)``
+    plus that of ``var / v - 1``."""
+    scale = target.var.clamp_min(1e-8)
+    shift = ((mean - target.mean) ** 2 / scale).mean().sqrt()
+    spread = ((var / scale - 1.0) ** 2).mean().sqrt()
+    return shift + spread
 
 
 def _channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

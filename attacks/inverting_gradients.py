@@ -54,6 +54,12 @@ class InvertingGradientsParams(AttackParams):
     bn_first_multiplier: float = Field(
         10.0, ge=0, description="Multiplier of the first BatchNorm layer's term (GradInversion)."
     )
+    bn_distance: Literal["absolute", "relative"] = Field(
+        "absolute",
+        description="The BatchNorm prior's distance: 'absolute' (DeepInversion's norms of the "
+        "differences) or 'relative' (each channel in units of the revealed statistics, so one "
+        "weight fits every layer's and dataset's scale; an extension, docs/batchnorm.md).",
+    )
     bn_project: bool = Field(
         False,
         description="After every step, shift each input channel so that the first BatchNorm "
@@ -97,7 +103,7 @@ class InvertingGradients(Attack[InvertingGradientsParams]):
         weights = layer_weights(p.layer_weights, len(setup.target), x.device)
         matched = matching(obs, setup, plan.targets)
         revealed = revealed_statistics(obs, self.needs_bn_stats())
-        prior = bn_prior(revealed, setup, p.bn_prior, p.bn_first_multiplier)
+        prior = bn_prior(revealed, setup, p.bn_prior, p.bn_first_multiplier, p.bn_distance)
         project = mean_projection(revealed, setup, x, p.bn_project)
         target_sq_norm = weighted_sq_norm(setup.target, weights)
 

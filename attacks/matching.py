@@ -43,10 +43,17 @@ class BatchNormPrior:
     during the matching's forwards (:meth:`recording`), then :meth:`loss`. Weight 0 records
     nothing and costs nothing."""
 
-    def __init__(self, recorder: BatchNormRecorder | None, weight: float, first: float) -> None:
+    def __init__(
+        self,
+        recorder: BatchNormRecorder | None,
+        weight: float,
+        first: float,
+        relative: bool = False,
+    ) -> None:
         self.recorder = recorder
         self.weight = weight
         self.first = first
+        self.relative = relative
 
     @contextlib.contextmanager
     def recording(self) -> Iterator[None]:
@@ -61,7 +68,7 @@ class BatchNormPrior:
         """The weighted prior of the last recorded forwards (0.0 when off)."""
         if self.recorder is None:
             return 0.0
-        return self.weight * self.recorder.loss(self.first)
+        return self.weight * self.recorder.loss(self.first, self.relative)
 
 
 def revealed_statistics(obs: Observation, needed: bool) -> dict[str, BatchNormTarget]:
@@ -75,9 +82,11 @@ def bn_prior(
     setup: InversionSetup,
     weight: float,
     first_multiplier: float,
+    distance: str = "absolute",
 ) -> BatchNormPrior:
     """The BatchNorm prior toward ``targets`` (:func:`revealed_statistics`), or an inactive
-    one when ``weight`` is 0.
+    one when ``weight`` is 0. ``distance``: ``"absolute"`` (DeepInversion's) or
+    ``"relative"`` (:meth:`BatchNormRecorder.loss`).
 
     Raises:
         ValueError: ``weight`` > 0 but there are no BatchNorm statistics.
@@ -86,7 +95,8 @@ def bn_prior(
         return BatchNormPrior(None, 0.0, first_multiplier)
     if not targets:
         raise ValueError("bn_prior > 0 needs a model with BatchNorm layers")
-    return BatchNormPrior(BatchNormRecorder(setup.model, targets), weight, first_multiplier)
+    recorder = BatchNormRecorder(setup.model, targets)
+    return BatchNormPrior(recorder, weight, first_multiplier, distance == "relative")
 
 
 def mean_projection(

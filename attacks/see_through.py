@@ -53,6 +53,12 @@ class SeeThroughGradientsParams(AttackParams):
     bn_first_multiplier: float = Field(
         10.0, ge=0, description="Multiplier of the first BatchNorm layer's term."
     )
+    bn_distance: Literal["absolute", "relative"] = Field(
+        "absolute",
+        description="The BatchNorm prior's distance: 'absolute' (DeepInversion's norms of the "
+        "differences) or 'relative' (each channel in units of the revealed statistics, so one "
+        "weight fits every layer's and dataset's scale; an extension, docs/batchnorm.md).",
+    )
     bn_project: bool = Field(
         False,
         description="After every step, shift each input channel so that the first BatchNorm "
@@ -107,7 +113,7 @@ class SeeThroughGradients(Attack[SeeThroughGradientsParams]):
         members.requires_grad_(True)
         plan = plan_labels(p.labels, "infer", obs, setup, generator)
         revealed = revealed_statistics(obs, True)
-        prior = bn_prior(revealed, setup, p.bn_prior, p.bn_first_multiplier)
+        prior = bn_prior(revealed, setup, p.bn_prior, p.bn_first_multiplier, p.bn_distance)
         member_loss = self._member_loss(setup, matching(obs, setup, plan.targets), prior)
         group = _Consensus(p.group_size)
         project = mean_projection(revealed, setup, members, p.bn_project)

@@ -94,6 +94,40 @@ def test_several_local_steps_give_the_mixture_the_unrolled_steps_reproduce(
     assert own < 1e-4 and other > 1000 * own
 
 
+def test_relative_distance_is_zero_on_the_target_and_free_of_the_layers_scale(
+    real_images_16: torch.Tensor,
+) -> None:
+    """The relative prior scores the client's own batch ~0 and another batch > 0; scaling the
+    first layer's weights (and so its statistics) leaves the relative score of a layer as it was,
+    while the absolute one moves with the scale."""
+    images, labels = real_images_16[:1], torch.tensor([1])
+
+    def scores(scale: float) -> tuple[float, float, float]:
+        model = convnet()
+        with torch.no_grad():
+            model.features.conv0.weight.mul_(scale)
+            model.features.conv0.bias.mul_(scale)
+        obs, _ = observe_client_step(model, images, labels, mean=MEAN, std=STD)
+        setup = InversionSetup.from_observation(obs)
+        recorder = BatchNormRecorder(setup.model, batchnorm_targets(obs))
+        out = []
+        for x, relative in (
+            (images, True),
+            (real_images_16[5:6], True),
+            (real_images_16[5:6], False),
+        ):
+            with recorder.recording():
+                setup.model(normalize(x, MEAN, STD))
+            out.append(float(recorder.loss(10.0, relative=relative).detach()))
+        return out[0], out[1], out[2]
+
+    own, other, absolute = scores(1.0)
+    _, other_scaled, absolute_scaled = scores(8.0)
+    assert own < 1e-3 * other
+    assert abs(other_scaled - other) < 0.05 * other
+    assert absolute_scaled > 2 * absolute
+
+
 def test_bn_prior_needs_the_statistics_and_a_batchnorm_model(real_images_16: torch.Tensor) -> None:
     images, labels = real_images_16[:1], torch.tensor([3])
     obs, _ = observe_client_step(convnet(), images, labels, mean=MEAN, std=STD)
