@@ -4,8 +4,11 @@ IEEE TIFS 2018, sec. 3; Geiping et al., NeurIPS 2020, sec. 3).
 For ``y = W x + b`` as the model's first layer, ``dl/dW_i = (dl/db_i) x``: every row ``i`` with
 ``dl/db_i != 0`` gives ``x = (dl/dW_i) / (dl/db_i)``, exact at batch 1. At batch B,
 ``dl/dW_i = sum_n delta_ni x_n``: a ReLU row that only one image activates still gives that image,
-rows active for several give mixtures. The B images are chosen by the attacker's own consistency
-(:func:`choose_images`), never by the ground truth.
+rows active for several give mixtures. A FedAvg update of K plain-SGD steps is
+``-lr sum_k`` of the steps' gradients, so its rows are ``sum_k,n delta_kni x_n`` over the
+bias's ``sum_k,n delta_kni``: a row that one image alone activates, in every step, still gives
+it exactly (our extension; the papers treat one gradient). The images are chosen by the
+attacker's own consistency (:func:`choose_images`), never by the ground truth.
 """
 
 from __future__ import annotations
@@ -138,25 +141,6 @@ def first_linear_layer(model: nn.Module, image_shape: tuple[int, int, int]) -> F
     return FirstLayer(weight=names[id(module.weight)], bias=names[id(module.bias)])
 
 
-def _check_local_steps(obs: Observation) -> None:
-    """Refuse a FedAvg message unless it holds exactly one local SGD step."""
-    if obs.kind != "weights" or obs.local_steps == 1:
-        return
-    if obs.local_steps is None:
-        raise ThreatModelError(
-            "attack 'analytic' reads x = dW_i / db_i off a FedAvg update only when it is one "
-            "SGD step (update = lr * gradient), but the number of local steps is hidden; grant "
-            "AttackerCapabilities(knows_local_steps=True), or use dlm_plus, which needs neither "
-            "the steps nor the learning rate"
-        )
-    raise ThreatModelError(
-        f"attack 'analytic' reads x = dW_i / db_i off a FedAvg update only when it is one SGD "
-        f"step (update = lr * gradient); this client took {obs.local_steps} local steps, whose "
-        f"update is no longer proportional to one gradient; use inverting_gradients (unrolls "
-        f"the steps) or dlm_plus"
-    )
-
-
 @dataclass
 class Candidates:
     """The usable rows of the first layer: their ratios ``dW_i / db_i`` in [0, 1] pixel units
@@ -264,19 +248,14 @@ class Analytic(Attack[AnalyticParams]):
     ``x = dW_i / db_i`` for the model's first ``nn.Linear`` (after an optional Flatten): exact at
     batch 1, no optimisation. At batch B the rows active for one image alone give those images;
     the B returned are chosen by :func:`choose_images` (rows that agree with each other first).
-    Works on FedSGD gradients and on FedAvg weights after ONE local step (the update is
-    ``lr * gradient`` and the ratio is scale-free, so the learning rate need not be known);
-    refuses several local steps and models whose first layer is not a Linear with bias.
+    Works on FedSGD gradients and on FedAvg weights after any number of plain-SGD local steps
+    (the update's rows are sums of the steps' ``delta x`` and the ratio is scale-free, so
+    neither the learning rate nor the step count is needed; mixtures grow with the images a
+    client sees); refuses models whose first layer is not a Linear with bias.
     """
 
     Params = AnalyticParams
     requirements = Requirements(kinds=("gradient", "weights"))
-
-    def requirements_for(self, obs: Observation) -> Requirements:
-        """FedAvg needs the step count (to check it is one); the learning rate is not needed."""
-        if obs.kind == "weights":
-            return Requirements(kinds=("weights",), local_steps=True)
-        return Requirements(kinds=("gradient",))
 
     def restricted(
         self, obs: Observation, capabilities: AttackerCapabilities | None
@@ -284,13 +263,11 @@ class Analytic(Attack[AnalyticParams]):
         """``obs`` as this attacker sees it; also refuses what the closed form cannot invert.
 
         Raises:
-            ThreatModelError: a FedAvg message of several (or an unknown number of) local steps,
-                a first layer that is not a Linear with bias on the flattened image (or missing
-                from the message), or a missing requirement.
+            ThreatModelError: a first layer that is not a Linear with bias on the flattened
+                image (or missing from the message), or a missing requirement.
         """
         seen = (capabilities or AttackerCapabilities()).restrict(obs)
-        _check_local_steps(seen)
-        self.requirements_for(seen).check(seen, self.name)
+        self.requirements.check(seen, self.name)
         layer = first_linear_layer(seen.model, seen.image_shape)
         missing = [n for n in (layer.weight, layer.bias) if n not in seen.message]
         if missing:
@@ -302,7 +279,6 @@ class Analytic(Attack[AnalyticParams]):
 
     def attempt(self, obs: Observation, generator: torch.Generator, restart: int) -> Attempt:
         p = self.params
-        _check_local_steps(obs)
         layer = first_linear_layer(obs.model, obs.image_shape)
         setup = InversionSetup.from_observation(obs)
         full = dict(obs.message) if obs.kind == "gradient" else obs.weight_update()
