@@ -30,9 +30,9 @@ class UnknownAttackError(ValueError):
 
 
 class AttackParams(BaseModel):
-    """Parameters every attack accepts."""
+    """Parameters every attack accepts (unknown names and NaN/infinity rejected)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     iterations: int = Field(300, ge=1, description="Optimiser iterations per restart.")
     restarts: int = Field(1, ge=1, description="Independent restarts; best by the attack loss.")

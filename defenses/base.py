@@ -32,7 +32,7 @@ class ParamSpec(BaseModel):
     ``categorical``: one of ``choices``.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     type: Literal["float", "int", "categorical"]
     low: float | None = None
@@ -63,9 +63,9 @@ class ParamSpec(BaseModel):
 
 
 class DefenseParams(BaseModel):
-    """Base of every defense's hyperparameters (unknown names are rejected)."""
+    """Base of every defense's hyperparameters (unknown names and NaN/infinity rejected)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 D = TypeVar("D", bound=DefenseParams)

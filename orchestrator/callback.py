@@ -1,17 +1,29 @@
-"""The driver-side Ray Tune callback that records each trial in Parquet and MLflow."""
+"""The driver-side Ray Tune callback that records each trial in Parquet and MLflow.
+
+A write that fails while a trial is recorded (a full disk, a locked MLflow database) marks that
+trial ``failed`` with the reason instead of ending the study; only when even that mark cannot be
+written does the study stop, with one line naming the file (:class:`StudyIOError`). A finished
+trial's round checkpoints and Ray Tune's pickled error are deleted at once
+(:mod:`orchestrator.privacy`).
+"""
 
 from __future__ import annotations
 
 import json
-import shutil
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ray import tune
 
+from orchestrator.analysis import CONTROL
 from orchestrator.config import StudyConfig
+from orchestrator.privacy import purge_private, redact_tensors
+from orchestrator.results import StudyIOError
 from orchestrator.search_space import defense_params, trial_params
+from orchestrator.tracking import TrackingError
+from orchestrator.validity import check_validity, validity_line
 from orchestrator.values import finite_or_none
 
 if TYPE_CHECKING:
@@ -83,7 +95,40 @@ class StudyCallback(tune.Callback):
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.started[trial.trial_id] = _now()
-        self.store.upsert_trial(self._base_row(trial, "running"))
+        self._guarded(trial, lambda: self.store.upsert_trial(self._base_row(trial, "running")))
+
+    def _guarded(self, trial: Any, write: Callable[[], None]) -> bool:
+        """Run a recording ``write``; when a file or MLflow write fails, mark the trial failed
+        with the reason (:meth:`_record_failure`) and return False."""
+        try:
+            write()
+        except (OSError, TrackingError) as err:
+            self._record_failure(trial, err)
+            return False
+        return True
+
+    def _record_failure(self, trial: Any, err: BaseException) -> None:
+        """The trial as ``failed`` because recording it failed: Parquet first, then (unless
+        MLflow was what failed) a FAILED MLflow run. A Parquet write that fails again stops
+        the study with :class:`StudyIOError`."""
+        reason = f"recording the trial failed: {err}"
+        defense, params = self._params(trial)
+        row = self._base_row(trial, "failed")
+        row.update(error=reason, finished_at=_now())
+        if not isinstance(err, TrackingError):
+            try:
+                row["mlflow_run_id"] = self._failed_run(trial, defense, params, reason)
+            except TrackingError as again:
+                print(f"[obscura] warning: {again}", flush=True)
+        try:
+            self.store.upsert_trial(row)
+        except OSError as again:
+            raise StudyIOError(
+                f"{again}; the study stops (completed trials are kept: continue with --resume)"
+            ) from err
+        if self.searcher is not None:
+            self.searcher.discard(trial.trial_id)
+        print(f"[obscura] trial {row['number']} ({defense}) FAILED: {reason}", flush=True)
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         """A trial failed (its node was lost, it raised) and Ray Tune retries it
@@ -97,6 +142,15 @@ class StudyCallback(tune.Callback):
         )
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        try:
+            recorded = self._guarded(trial, lambda: self._record_completed(trial))
+            if recorded and self.searcher is not None:
+                self.searcher.release(trial.trial_id)
+        finally:
+            _drop_private(trial)
+
+    def _record_completed(self, trial: Any) -> None:
+        """The completed trial in MLflow (with its images) and Parquet; one line printed."""
         result = trial.last_result or {}
         row = self._base_row(trial, "completed")
         metrics = {m: finite_or_none(result.get(m)) for m in self.config.metric_names()}
@@ -124,15 +178,33 @@ class StudyCallback(tune.Callback):
             for o in self.config.objectives
         )
         print(f"[obscura] trial {row['number']} ({defense}) completed: {shown}", flush=True)
-        if self.searcher is not None:
-            self.searcher.release(trial.trial_id)
-        _drop_checkpoints(trial)
+        if defense == CONTROL:  # the study's validity is known as soon as its control is
+            v = self.config.validity
+            verdict = check_validity(self.store.trials(), v.min_gain_db, v.min_ssim)
+            print(validity_line(verdict), flush=True)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        row = self._base_row(trial, "failed")
         error = _error_text(trial)
+        try:
+            self._guarded(trial, lambda: self._record_error(trial, error))
+        finally:
+            _drop_private(trial)
+
+    def _record_error(self, trial: Any, error: str) -> None:
+        """A trial that raised: a FAILED MLflow run and a ``failed`` row with its error."""
+        row = self._base_row(trial, "failed")
         defense, params = self._params(trial)
-        run_id = self.tracker.log_trial(
+        run_id = self._failed_run(trial, defense, params, error)
+        row.update(error=error, mlflow_run_id=run_id, finished_at=_now())
+        self.store.upsert_trial(row)
+        print(
+            f"[obscura] trial {row['number']} ({defense}) FAILED: {error.splitlines()[-1]}",
+            flush=True,
+        )
+
+    def _failed_run(self, trial: Any, defense: str, params: dict[str, Any], error: str) -> str:
+        """A FAILED MLflow child run of ``trial`` with ``error``; returns its run id."""
+        return self.tracker.log_trial(
             trial.trial_id,
             params={"defense": defense, **params},
             metrics={},
@@ -141,13 +213,6 @@ class StudyCallback(tune.Callback):
             status="FAILED",
             error=error,
         )
-        row.update(error=error, mlflow_run_id=run_id, finished_at=_now())
-        self.store.upsert_trial(row)
-        print(
-            f"[obscura] trial {row['number']} ({defense}) FAILED: {error.splitlines()[-1]}",
-            flush=True,
-        )
-        _drop_checkpoints(trial)
 
     def _tags(self, defense: str, result: dict[str, Any]) -> dict[str, str]:
         from orchestrator.tracking import code_version
@@ -165,23 +230,25 @@ class StudyCallback(tune.Callback):
         }
 
 
-def _drop_checkpoints(trial: Any) -> None:
-    """Delete a finished trial's round checkpoints: they hold its captured updates and the
-    victims' private images, and are only needed while Ray Tune may still retry it."""
-    path = getattr(trial, "path", None)
-    if not path or not Path(path).is_dir():
-        return
-    for folder in Path(path).glob("checkpoint_*"):
+def _drop_private(trial: Any) -> None:
+    """Delete a finished trial's round checkpoints and Ray Tune's pickled error (in the study
+    folder and in Ray's local staging folder): they may hold its captured updates and the
+    victims' private images, and are only needed while Ray Tune may still retry it. A file
+    that cannot be deleted is named in a warning; the driver's final purge tries again."""
+    for attr in ("path", "local_path"):
+        path = getattr(trial, attr, None)
+        if not path or not Path(path).is_dir():
+            continue
         try:
-            shutil.rmtree(folder)
-        except OSError as err:
-            print(f"[obscura] warning: could not delete the checkpoint {folder}: {err}", flush=True)
+            purge_private(Path(path))
+        except StudyIOError as err:
+            print(f"[obscura] warning: {err}", flush=True)
 
 
 def _error_text(trial: Any) -> str:
     """The trial's error: Tune's error file when there is one."""
     path = getattr(trial, "error_file", None)
     if path and Path(path).exists():
-        return Path(path).read_text(errors="replace")[-4000:]
+        return redact_tensors(Path(path).read_text(errors="replace"))[-4000:]
     msg = getattr(trial, "error_msg", None)
-    return str(msg or "trial failed (no error message recorded by Ray Tune)")
+    return redact_tensors(str(msg or "trial failed (no error message recorded by Ray Tune)"))

@@ -8,28 +8,68 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 
-from orchestrator.config import StudyFileError, load_study
+from orchestrator.config import (
+    OVERRIDE_KEY,
+    SearchSection,
+    StudyFileError,
+    check_defense_value,
+    load_study,
+)
 
 EXIT_BAD_INPUT = 2
 
 
 def _parse_sets(items: list[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` items as ``{dotted key: YAML value}`` (validated later like the
+    study file's values)."""
     out: dict[str, Any] = {}
     for item in items:
         if "=" not in item:
             raise StudyFileError(f"--set {item!r}: expected KEY=VALUE (e.g. precode.beta=0.001)")
         key, value = item.split("=", 1)
+        key = key.strip()
+        if not re.match(OVERRIDE_KEY, key):
+            raise StudyFileError(f"--set {item!r}: {key!r} is not a dotted key (e.g. seed=1)")
         try:
-            out[key.strip()] = yaml.safe_load(value)
+            out[key] = yaml.safe_load(value)
         except yaml.YAMLError as err:
             raise StudyFileError(f"--set {item!r}: value is not valid YAML ({err})") from None
     return out
+
+
+def _search_value(field: str) -> Callable[[str], int]:
+    """An argparse type: the value validated as the study file's ``search.<field>``."""
+
+    def parse(text: str) -> int:
+        try:
+            return int(getattr(SearchSection.model_validate({field: text}), field))
+        except ValidationError as err:
+            msg = "; ".join(e["msg"] for e in err.errors())
+            raise argparse.ArgumentTypeError(f"search.{field}: {msg} (found {text!r})") from None
+
+    parse.__name__ = f"search.{field}"
+    return parse
+
+
+def _fraction(text: str) -> float:
+    """An argparse type: a finite number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1] (found {text!r})") from None
+    if not (math.isfinite(value) and 0 <= value <= 1):
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1] (found {text!r})")
+    return value
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -56,7 +96,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    """Run (or resume) a study."""
+    """Run (or resume) a study (exit 1 with one line when its folder is locked by another
+    driver or a study file cannot be read or written)."""
+    from orchestrator.folder_lock import FolderLockedError
+    from orchestrator.results import StudyIOError
     from orchestrator.study import Study
 
     study = Study.from_yaml(args.file, _parse_sets(args.set or []) or None, smoke=args.smoke)
@@ -67,9 +110,13 @@ def cmd_study(args: argparse.Namespace) -> int:
             address=args.address,
             output=args.output,
             resume=args.resume,
+            verbose=2 if args.verbose else 1,
         )
     except KeyboardInterrupt:
         return 130
+    except (FolderLockedError, StudyIOError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -99,6 +146,7 @@ def cmd_trial(args: argparse.Namespace) -> int:
                     f"--set {key}: defense {defense!r} has no hyperparameter {tail!r}; "
                     f"hyperparameters: {', '.join(defaults)}"
                 )
+            check_defense_value(defense, tail, value)
             searched[tail] = value
         else:
             raw_overrides[key] = value
@@ -146,10 +194,16 @@ def cmd_trial(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    """Write the report (HTML, Markdown, the front's plot) from a study's files."""
-    from orchestrator.report import report
+    """Write the report (HTML, Markdown, the front's plot) from a study's files (exit 1 with
+    one line when it has no completed trial or a file cannot be read)."""
+    from orchestrator.report import NothingToReportError, report
+    from orchestrator.results import StudyIOError
 
-    report(Path(args.dir), utility_loss=args.utility_loss)  # prints where it wrote
+    try:
+        report(Path(args.dir), utility_loss=args.utility_loss)  # prints where it wrote
+    except (NothingToReportError, StudyIOError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -207,8 +261,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("study", help="run a study (Ray Tune x Optuna, MLflow, Parquet)")
     p.add_argument("file", help="study YAML file")
-    p.add_argument("--trials", type=int, help="number of trials (overrides search.trials)")
-    p.add_argument("--concurrency", type=int, help="trials at once (overrides search.concurrency)")
+    p.add_argument(
+        "--trials", type=_search_value("trials"), help="number of trials (overrides search.trials)"
+    )
+    p.add_argument(
+        "--concurrency",
+        type=_search_value("concurrency"),
+        help="trials at once (overrides search.concurrency)",
+    )
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     p.add_argument("--output", help="output folder (overrides output)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted study")
@@ -222,6 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--smoke",
         action="store_true",
         help="shrink the study to minutes on a CPU (same structure; results in <study>-smoke)",
+    )
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show Ray's own log lines too (checkpoint notices of every round; hidden by default)",
     )
     p.set_defaults(func=cmd_study)
     p = sub.add_parser("trial", help="run one trial in-process (no Ray) and print JSON")
@@ -245,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", help="the study's output folder (output/<study>)")
     p.add_argument(
         "--utility-loss",
-        type=float,
+        type=_fraction,
         default=0.01,
         help="utility a defense may lose against the control (default 0.01 = 1 point)",
     )

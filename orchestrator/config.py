@@ -10,9 +10,13 @@ choices}``.
 from __future__ import annotations
 
 import importlib
+import re
+import traceback
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
+import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -29,8 +33,29 @@ class StudyFileError(ValueError):
     """A study file is unreadable or invalid; the message names the file and the field."""
 
 
+MAX_MODEL_PARAMETERS = 1_000_000_000
+"""Largest model a study may build (weights counted on the meta device at validation)."""
+MAX_TRIALS = 100_000
+"""Most trials (``search.trials``) one study may ask for."""
+MAX_CONCURRENCY = 10_000
+"""Most trials at once (``search.concurrency``)."""
+MAX_ITERATIONS = 1_000_000
+"""Most optimiser iterations per restart of an attack (``attacks[].params.iterations``)."""
+MAX_RESTARTS = 1000
+"""Most restarts of an attack (``attacks[].params.restarts``)."""
+SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+"""``yaml.safe_load``'s loader, in C where PyYAML has libyaml (the same types, 8x faster)."""
+SEED_LIMIT = 2**32
+"""Seeds lie in ``[0, SEED_LIMIT)`` (NumPy's and Optuna's generators take them)."""
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+"""Study names and attack labels: they become parts of file names (no ``/``, ``\\``, ``..``)."""
+MODULE_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"
+"""A plugin: an absolute, dotted Python module name."""
+
+
 def _strict() -> ConfigDict:
-    return ConfigDict(extra="forbid")
+    """Unknown keys rejected and NaN/infinity refused in every float field."""
+    return ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class DataSection(BaseModel):
@@ -60,15 +85,20 @@ class DataSection(BaseModel):
 class ModelSection(BaseModel):
     """The model architecture; any further key is a model option (e.g. ``width``)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     name: str
 
+    @field_validator("name")
+    @classmethod
+    def _known_name(cls, value: str) -> str:
+        known = fl_models.available()
+        if value not in known:
+            raise ValueError(f"unknown model {value!r}; known models: {', '.join(known)}")
+        return value
+
     @model_validator(mode="after")
     def _known_model(self) -> ModelSection:
-        known = fl_models.available()
-        if self.name not in known:
-            raise ValueError(f"unknown model {self.name!r}; known models: {', '.join(known)}")
         accepted = fl_models.options(self.name)
         bad = [k for k in self.options() if k not in accepted]
         if bad:
@@ -92,10 +122,19 @@ class AttackSection(BaseModel):
     model_config = _strict()
 
     name: str
-    label: str | None = Field(None, description="Name used in metric names (default: name).")
+    label: str | None = Field(
+        None,
+        pattern=NAME_PATTERN,
+        description="Name used in metric names and image file names (default: name): letters, "
+        "digits, '_', '-', '.', no '..'.",
+    )
     rounds: list[int] = Field(default_factory=lambda: [0])
     victims: int = Field(1, ge=1)
-    params: dict[str, Any] = Field(default_factory=dict)
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description=f"The attack's parameters (python -m orchestrator list); iterations at "
+        f"most {MAX_ITERATIONS}, restarts at most {MAX_RESTARTS}; no seed (the study's).",
+    )
     capabilities: AttackerCapabilities = Field(default_factory=AttackerCapabilities)
     batch_victims: Literal["auto", "on", "off"] = Field(
         "off",
@@ -125,7 +164,21 @@ class AttackSection(BaseModel):
 
     @model_validator(mode="after")
     def _params(self) -> AttackSection:
+        if ".." in self.key or not re.match(NAME_PATTERN, self.key):
+            what = "label" if self.label else "name (give the attack a `label`)"
+            raise ValueError(
+                f"{self.key!r} cannot name files: the attack's {what} must match "
+                f"{NAME_PATTERN} without '..'"
+            )
+        if "seed" in self.params:
+            raise ValueError(
+                "params.seed: an attack's seed is the study's `seed`; remove it from params"
+            )
         attack = attack_class(self.name)(**self.params)  # AttackConfigError names the field
+        for key, most in (("iterations", MAX_ITERATIONS), ("restarts", MAX_RESTARTS)):
+            value = getattr(attack.params, key)
+            if value > most:
+                raise ValueError(f"params.{key}: at most {most} (found {value})")
         if attack.needs_bn_stats() and not self.capabilities.knows_bn_stats:
             raise ValueError(
                 f"attack {self.name!r} (so configured) matches the BatchNorm statistics the "
@@ -155,12 +208,17 @@ class SearchSection(BaseModel):
     model_config = _strict()
 
     sampler: Literal["nsga2", "tpe", "gp", "random"] = "nsga2"
-    trials: int = Field(8, ge=1)
-    concurrency: int = Field(1, ge=1)
-    max_failures: int = Field(0, ge=0, description="Retries of a failed trial (Ray Tune).")
+    trials: int = Field(8, ge=1, le=MAX_TRIALS, description=f"Trials (at most {MAX_TRIALS}).")
+    concurrency: int = Field(
+        1, ge=1, le=MAX_CONCURRENCY, description=f"Trials at once (at most {MAX_CONCURRENCY})."
+    )
+    max_failures: int = Field(
+        0, ge=0, le=1000, description="Retries of a failed trial (Ray Tune; at most 1000)."
+    )
     checkpoint_every: int = Field(
         1,
         ge=0,
+        le=100_000,
         description="Rounds between a trial's checkpoints (0: none); a retried trial resumes "
         "from its latest one.",
     )
@@ -171,8 +229,8 @@ class ResourcesSection(BaseModel):
 
     model_config = _strict()
 
-    cpu: float = Field(1.0, gt=0)
-    gpu: float = Field(0.0, ge=0)
+    cpu: float = Field(1.0, gt=0, le=4096, description="CPUs per trial (at most 4096).")
+    gpu: float = Field(0.0, ge=0, le=256, description="GPUs per trial (at most 256).")
 
 
 class TrackingSection(BaseModel):
@@ -186,11 +244,44 @@ class TrackingSection(BaseModel):
     @field_validator("mlflow_uri")
     @classmethod
     def _absolute_sqlite(cls, value: str) -> str:
-        """Relative SQLite/file paths are made absolute: Ray changes a trial's directory."""
+        """Relative SQLite/file paths are made absolute: Ray changes a trial's directory. A
+        password in the URI is refused: the study file, ``study.yaml`` and MLflow would keep it."""
+        try:
+            password = urlsplit(value).password
+        except ValueError as err:
+            raise ValueError(f"not a valid URI ({err})") from None
+        if password is not None:
+            raise ValueError(
+                "the URI holds a password (user:password@); remove it and set "
+                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD in the environment "
+                "(for a database URI, its own mechanism, e.g. PGPASSWORD or ~/.pgpass)"
+            )
         prefix = "sqlite:///"
         if value.startswith(prefix) and not value.startswith(prefix + "/"):
             return prefix + str(Path(value[len(prefix) :]).expanduser().resolve())
         return value
+
+
+class ValiditySection(BaseModel):
+    """When the study's undefended control counts as broken, so that the front can rank
+    defenses (:mod:`orchestrator.validity`)."""
+
+    model_config = _strict()
+
+    min_gain_db: float = Field(
+        3.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="Least PSNR gain over a flat image (dB, attack_psnr_gain_max) the control's "
+        "strongest attack must reach; below it the study warns that its attacks are too weak.",
+    )
+    min_ssim: float | None = Field(
+        None,
+        ge=-1,
+        le=1,
+        allow_inf_nan=False,
+        description="Least SSIM (attack_ssim_max) the control must reach too (default: none).",
+    )
 
 
 class StudyConfig(BaseModel):
@@ -198,9 +289,11 @@ class StudyConfig(BaseModel):
 
     model_config = _strict()
 
-    study: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    seed: int = 0
-    plugins: list[str] = Field(
+    study: str = Field(pattern=NAME_PATTERN)
+    seed: int = Field(
+        0, ge=0, lt=SEED_LIMIT, description="Seed of everything random, in [0, 2**32)."
+    )
+    plugins: list[Annotated[str, Field(pattern=MODULE_PATTERN)]] = Field(
         default_factory=list, description="Modules imported first (custom defenses, attacks)."
     )
     data: DataSection
@@ -212,14 +305,31 @@ class StudyConfig(BaseModel):
     search: SearchSection = Field(default_factory=SearchSection)
     resources: ResourcesSection = Field(default_factory=ResourcesSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
+    validity: ValiditySection = Field(default_factory=ValiditySection)
     output: Path = Path("results")
     device: str = "auto"
-    success_psnr: float = Field(20.0, description="PSNR (dB) above which an attack succeeds.")
+    success_psnr: float = Field(
+        20.0, ge=0, le=200, description="PSNR (dB, 0-200) above which an attack succeeds."
+    )
     lpips_backbone: Path | None = Field(
         None,
         description="Local AlexNet features file for LPIPS (offline); default: "
         "OBSCURA_LPIPS_BACKBONE or torchvision's download.",
     )
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        """``auto`` or a torch device string (``cpu``, ``cuda``, ``cuda:1``)."""
+        if value == "auto":
+            return value
+        try:
+            kind = torch.device(value).type
+        except (RuntimeError, ValueError):
+            kind = None
+        if kind not in ("cpu", "cuda", "mps"):
+            raise ValueError("not a device: use auto, cpu, cuda, cuda:<index> or mps")
+        return value
 
     @field_validator("lpips_backbone")
     @classmethod
@@ -260,8 +370,17 @@ class StudyConfig(BaseModel):
     @field_validator("objectives")
     @classmethod
     def _some_objective(cls, value: list[ObjectiveSection]) -> list[ObjectiveSection]:
-        if not value:
-            raise ValueError("list at least one objective")
+        """Two objectives or more: a study's result is their Pareto front (a single objective
+        is not supported)."""
+        if len(value) < 2:
+            raise ValueError(
+                "list at least two objectives (a utility and a privacy metric): a study's "
+                "result is their Pareto front; a single objective is not supported"
+            )
+        metrics = [o.metric for o in value]
+        twice = sorted({m for m in metrics if metrics.count(m) > 1})
+        if twice:
+            raise ValueError(f"objective {', '.join(map(repr, twice))} is listed twice")
         return value
 
     @model_validator(mode="after")
@@ -296,6 +415,36 @@ class StudyConfig(BaseModel):
                 raise ValueError(f"objectives.{i}.metric: {err}") from None
         if self.search.concurrency > self.search.trials:
             self.search.concurrency = self.search.trials
+        return self
+
+    @model_validator(mode="after")
+    def _model_builds(self) -> StudyConfig:
+        """Build the model on the meta device (no memory): bad options and absurd sizes are
+        refused here, not in every trial."""
+        info = fl_data.info(self.data.dataset)
+        size = self.data.image_size or info.native_size or 32
+        options = self.model.options()
+        shown = f"{self.model.name} ({', '.join(f'{k}={v!r}' for k, v in options.items())})"
+        try:
+            with torch.device("meta"):
+                model = fl_models.build(
+                    self.model.name,
+                    channels=info.channels or 3,
+                    classes=info.num_classes or 2,
+                    image_size=size,
+                    **options,
+                )
+        except ValueError as err:  # the builder's own check names the option
+            raise ValueError(f"model: {err}") from None
+        except (TypeError, RuntimeError, OverflowError) as err:  # e.g. sizes past int64
+            first = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
+            raise ValueError(f"model: {shown} cannot be built ({first})") from None
+        count = sum(p.numel() for p in model.parameters())
+        if count > MAX_MODEL_PARAMETERS:
+            raise ValueError(
+                f"model: {shown} has {count:.3g} parameters, more than the "
+                f"{MAX_MODEL_PARAMETERS:.0e} a study may build"
+            )
         return self
 
     @property
@@ -351,6 +500,22 @@ def _defense_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def check_defense_value(name: str, key: str, value: Any) -> None:
+    """Validate one hyperparameter value of defense ``name`` as a study-file constant would be
+    (used for ``trial --set <defense>.<key>=VALUE``).
+
+    Raises:
+        StudyFileError: ``defenses.<name>.<key>: <problem> (found <value>)``.
+
+    Example:
+        >>> check_defense_value("prune", "percent", 50.0)  # valid: returns None
+    """
+    try:
+        _check_value(defense_class(name), name, key, value)
+    except ValueError as err:
+        raise StudyFileError(str(err)) from None
+
+
 def _check_value(cls: type, name: str, key: str, value: Any) -> None:
     try:
         cls.Params(**{key: value})
@@ -362,29 +527,66 @@ def _check_value(cls: type, name: str, key: str, value: Any) -> None:
 def import_plugins(modules: list[str]) -> None:
     """Import the study's plugin modules (they register custom defenses/attacks/objectives).
 
-    Only modules the user named explicitly are imported; an import error is a study-file error.
+    Only modules the user named explicitly are imported. A name that is not an absolute dotted
+    module name, or a module that fails to import (not found, a ``SyntaxError``, any exception
+    its code raises), is a study-file error naming the plugin and where it failed.
+
+    Raises:
+        StudyFileError: ``plugins.<i>: ...`` with the module, the error and its file and line.
+
+    Example:
+        >>> import_plugins(["json"])  # already importable: registers nothing, raises nothing
     """
-    for module in modules:
+    for i, module in enumerate(modules):
+        if not re.match(MODULE_PATTERN, module):
+            raise StudyFileError(
+                f"plugins.{i}: {module!r} is not a module name (an absolute dotted Python "
+                "module name, e.g. mylab.defenses)"
+            )
         try:
             importlib.import_module(module)
-        except ImportError as err:
-            raise StudyFileError(f"plugins: cannot import {module!r}: {err}") from None
+        except Exception as err:  # the plugin's own code may raise anything
+            raise StudyFileError(f"plugins.{i}: cannot import {module!r}: {_where(err)}") from None
+
+
+def _where(err: Exception) -> str:
+    """``Type: message`` of a failed import, with the plugin file and line that raised it."""
+    text = f"{type(err).__name__}: {err}"
+    if isinstance(err, SyntaxError | ModuleNotFoundError):
+        return text  # the message already says where (or that nothing was found)
+    frames = traceback.extract_tb(err.__traceback__)
+    own = [f for f in frames if "importlib" not in f.filename]
+    if own:
+        text += f" (at {own[-1].filename}:{own[-1].lineno})"
+    return text
+
+
+_PASSWORD = re.compile(r"(//[^/@:\s]*):[^/@\s]*@")
+
+
+def _redact(text: str) -> str:
+    """``text`` with any URI password (``//user:password@``) replaced by ``***``."""
+    return _PASSWORD.sub(r"\1:***@", text)
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:
     """One line per problem: the field path, the message, and the value found."""
     lines = [f"{source}: invalid study file"]
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = e["msg"].removeprefix("Value error, ")
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = _redact(e["msg"].removeprefix("Value error, "))
         found = e.get("input")
-        shown = repr(found) if not isinstance(found, dict) else "a mapping"
+        shown = _redact(repr(found)) if not isinstance(found, dict) else "a mapping"
         if len(shown) > 80:
             shown = shown[:77] + "..."
         if e["type"] == "missing":
             lines.append(f"  {loc}: required field is missing")
         elif e["type"] == "extra_forbidden":
             lines.append(f"  {loc}: unknown field (found {shown}); check the spelling")
+        elif not loc:  # a whole-study check: its message names the fields
+            lines.append(f"  {msg}")
+        elif "(found " in msg or isinstance(found, dict):  # shown already, or a whole section
+            lines.append(f"  {loc}: {msg}")
         else:
             lines.append(f"  {loc}: {msg} (found {shown})")
     return "\n".join(lines)
@@ -401,8 +603,12 @@ def load_study(
         text = path.read_text(encoding="utf-8")
     except OSError as err:
         raise StudyFileError(f"{path}: cannot read the study file ({err.strerror})") from None
+    except UnicodeDecodeError as err:
+        raise StudyFileError(
+            f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8"
+        ) from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=SAFE_LOADER)  # a safe loader (no Python objects)
     except yaml.YAMLError as err:
         raise StudyFileError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
@@ -431,19 +637,48 @@ def parse_study(raw: dict[str, Any], source: str = "study") -> StudyConfig:
         raise StudyFileError(f"{source}: {err}") from None
 
 
+OVERRIDE_KEY = r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$"
+"""A ``--set`` key: dotted names; a number indexes a list (``attacks.0.label``)."""
+
+
 def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Set dotted keys (``federation.rounds=3``) in a copy of the raw mapping."""
+    """Set dotted keys (``federation.rounds=3``, ``attacks.0.victims=2``) in a copy of the raw
+    mapping; missing mappings on the way are created, list entries must exist.
+
+    Raises:
+        StudyFileError: a malformed key, or an index past the end of a list.
+
+    Example:
+        >>> apply_overrides({"a": [{"b": 1}]}, {"a.0.b": 2, "c.d": 3})
+        {'a': [{'b': 2}], 'c': {'d': 3}}
+    """
     import copy
 
     out = copy.deepcopy(raw)
     for dotted, value in overrides.items():
-        node = out
+        if not re.match(OVERRIDE_KEY, dotted):
+            raise StudyFileError(f"--set {dotted!r}: not a dotted key (e.g. federation.rounds)")
+        node: Any = out
         parts = dotted.split(".")
-        for part in parts[:-1]:
-            if not isinstance(node.get(part), dict):
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if not isinstance(node, dict | list):
+                where = ".".join(parts[:i])
+                raise StudyFileError(f"--set {dotted}: {where} is a value, not a section")
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    where = ".".join(parts[:i])
+                    raise StudyFileError(
+                        f"--set {dotted}: {where} is a list of {len(node)}; index it with "
+                        f"0..{len(node) - 1}"
+                    )
+                part = int(part)  # type: ignore[assignment]
+            elif not last and not isinstance(node.get(part), dict | list):
                 node[part] = {}
-            node = node[part]
-        node[parts[-1]] = value
+            if last:
+                node[part] = value
+            else:
+                node = node[part]
     return out
 
 

@@ -74,6 +74,7 @@ def pareto_plot(
     control: str = "none",
     title: str | None = None,
     status_col: str | None = "status",
+    baseline: float | None = None,
 ) -> Path:
     """Scatter utility (x) vs privacy (y) of the completed trials with the Pareto front; save PNG.
 
@@ -81,8 +82,10 @@ def pareto_plot(
     those two. Rows whose ``status_col`` is not ``"completed"`` are left out
     (``status_col=None``: all rows), as are rows with a NaN in either objective (their count is
     noted on the plot). Trials whose defense is ``control`` are drawn as black stars and
-    annotated. Without any plottable trial the figure says so. The PNG is written atomically to
-    ``path`` (parent folders created) and ``path`` is returned.
+    annotated. ``baseline``: the privacy value of a flat image ("no information", e.g. its
+    PSNR), drawn as a dashed line the axis always includes. Without any plottable trial the
+    figure says so. The PNG is written atomically to ``path`` (parent folders created) and
+    ``path`` is returned.
     """
     if len(objectives) < 2:
         raise ValueError("pareto_plot needs two objectives (utility on x, privacy on y)")
@@ -103,6 +106,9 @@ def pareto_plot(
             label=f"{name} ({int(sel.sum())})",
             zorder=3,
         )
+    if baseline is not None and np.isfinite(baseline):
+        label = f"flat image, no information ({baseline:.3g})"
+        ax.axhline(baseline, color="0.45", ls="--", lw=1.1, zorder=1, label=label)
     _draw_control(ax, xs[defenses == control], ys[defenses == control], control)
     if len(xs):
         _draw_front(ax, xs, ys, [x_obj.mode, y_obj.mode])

@@ -37,10 +37,12 @@ class TrialRuns(Protocol):
 
 @dataclass(frozen=True)
 class Reconciled:
-    """How many trials are done, and the initial points (one per defense) still to evaluate."""
+    """How many trials are done, the initial points (one per defense) still to evaluate, and
+    the interrupted trials dropped from the records (their image folders go too)."""
 
     done: int
     points: list[dict[str, Any]]
+    dropped: tuple[str, ...] = ()
 
 
 def objective_values(cfg: StudyConfig, row: Mapping[str, Any]) -> list[float] | None:
@@ -97,7 +99,9 @@ def reconcile(
         Reconciled(done=4, points=[])
     """
     df = store.trials()
-    interrupted = [] if df.empty else list(df.loc[df["status"] == "running", "trial_id"])
+    interrupted = (
+        [] if df.empty else [str(t) for t in df.loc[df["status"] == "running", "trial_id"]]
+    )
     store.remove_trials(interrupted)
     tracker.remove_trials(interrupted)
     try:
@@ -108,4 +112,4 @@ def reconcile(
     done_rows = _completed_rows(store.trials())
     seen = {str(row["defense"]) for row in done_rows.values()}
     remaining = [p for p in points if p["defense"] not in seen | waiting]
-    return Reconciled(done=len(done_rows), points=remaining)
+    return Reconciled(done=len(done_rows), points=remaining, dropped=tuple(interrupted))

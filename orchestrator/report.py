@@ -26,6 +26,10 @@ from orchestrator.results import atomic_write
 from orchestrator.values import is_missing
 
 
+class NothingToReportError(RuntimeError):
+    """The study folder has no completed trial yet (the message says how many ran or failed)."""
+
+
 @dataclass
 class Choice:
     """The best trial of one defense within the utility budget (or why there is none)."""
@@ -133,10 +137,13 @@ Section = tuple[str, str, str]  # (title, html, markdown)
 
 def report(folder: Path, *, utility_loss: float = 0.01) -> tuple[Path, Path]:
     """Write ``report.html``, ``report.md`` and the front's plot ``report_pareto.png`` from a
-    study's files, which it only reads (the front is recomputed in memory).
+    study's files, which it only reads (the front is recomputed in memory; the tables are
+    opened read-only, so a study running in the folder is not disturbed).
 
     Raises:
         StudyFileError: ``folder`` is not a study's output folder.
+        NothingToReportError: no trial of the study has completed yet.
+        StudyIOError: a table cannot be read (truncated, corrupt).
     """
     from orchestrator.analysis import analyse
     from orchestrator.results import ResultStore
@@ -148,19 +155,51 @@ def report(folder: Path, *, utility_loss: float = 0.01) -> tuple[Path, Path]:
     if not (folder / "study.yaml").exists():
         raise StudyFileError(f"{folder}: no study.yaml here; pass a study's output folder")
     cfg = load_study(folder / "study.yaml", {"output": str(folder.parent), "study": folder.name})
-    store = ResultStore(folder)
+    store = ResultStore(folder, read_only=True)
     results = analyse(objectives_of(cfg), store.trials())
+    if not results.completed:
+        statuses = store.trials()["status"].value_counts().to_dict() if len(store.trials()) else {}
+        counts = ", ".join(f"{n} {s}" for s, n in sorted(statuses.items())) or "no trials"
+        raise NothingToReportError(
+            f"{folder}: no completed trial yet ({counts}); nothing to report. Run or resume "
+            "the study, then report again"
+        )
     df = results.trials
     choices = best_within_budget(df, cfg, utility_loss)
     sections: list[Section] = [
+        _validity_section(cfg, df),
         _settings_section(cfg),
-        *_front_sections(cfg, folder, results),
+        *_front_sections(cfg, folder, results, store.attacks()),
         _best_section(cfg, choices, utility_loss),
         _grids_section(cfg, folder, choices),
         _success_section(cfg, df, store.attacks()),
         _cost_section(cfg, df),
     ]
     return _write_pages(cfg, folder, sections)
+
+
+def _validity_section(cfg: StudyConfig, df: pd.DataFrame) -> Section:
+    """ "Can this study rank defenses?": the control's strongest attack against the study's
+    validity thresholds (:func:`orchestrator.validity.check_validity`)."""
+    from orchestrator.validity import check_validity
+
+    verdict = check_validity(df, cfg.validity.min_gain_db, cfg.validity.min_ssim)
+    answer = {"ok": "Yes.", "attacks_too_weak": "No.", "no_control": "Cannot tell."}
+    rows = [
+        ["verdict", verdict.status],
+        ["control trial", verdict.control_trial or "–"],
+        ["best attack's PSNR gain over a flat image (dB)", _fmt(verdict.gain_db, 3)],
+        ["needed (validity.min_gain_db)", _fmt(verdict.min_gain_db, 3)],
+        ["best attack's SSIM", _fmt(verdict.ssim, 3)],
+        ["needed (validity.min_ssim)", _fmt(verdict.min_ssim, 3)],
+    ]
+    text = f"{answer[verdict.status]} {verdict.message()[0].upper()}{verdict.message()[1:]}."
+    css = "ok" if verdict.ok else "warning"
+    return (
+        "Can this study rank defenses?",
+        f'<p class="{css}">{html.escape(text)}</p>' + _table_html(["", "value"], rows),
+        f"**{text}**\n\n" + _table_md(["", "value"], rows),
+    )
 
 
 def _settings_section(cfg: StudyConfig) -> Section:
@@ -197,16 +236,26 @@ def _settings_section(cfg: StudyConfig) -> Section:
     )
 
 
-def _front_sections(cfg: StudyConfig, folder: Path, results: Analysis) -> list[Section]:
-    """The front's plot (drawn to ``report_pareto.png``) and its trials."""
+def _front_sections(
+    cfg: StudyConfig, folder: Path, results: Analysis, attacks: pd.DataFrame
+) -> list[Section]:
+    """The front's plot (drawn to ``report_pareto.png``, with the flat-image line) and its
+    trials."""
     from orchestrator.summary import objectives_of
+    from orchestrator.validity import flat_baseline
 
     df = results.trials
     obj_cols = [o.metric for o in cfg.objectives]
     sections: list[Section] = []
     plot = folder / "report_pareto.png"
     if results.completed:
-        pareto_plot(df, objectives_of(cfg), plot, title=f"{cfg.study}: Pareto front")
+        pareto_plot(
+            df,
+            objectives_of(cfg),
+            plot,
+            title=f"{cfg.study}: Pareto front",
+            baseline=flat_baseline(objectives_of(cfg)[1].metric, attacks),
+        )
     hv = "–" if results.hypervolume is None else f"{results.hypervolume:.4g}"
     plot_html = (
         f'<img alt="Pareto front" src="{_png_data(plot)}">'
@@ -379,6 +428,8 @@ def _write_pages(cfg: StudyConfig, folder: Path, sections: list[Section]) -> tup
         "th,td{border:1px solid #ccc;padding:4px 8px;text-align:left}th{background:#f2f2f2}"
         "img{max-width:100%}figure{display:inline-block;margin:8px}"
         "figcaption{font-size:12px;color:#555}"
+        ".warning{background:#fff3cd;border-left:4px solid #d39e00;padding:8px}"
+        ".ok{background:#e9f7ef;border-left:4px solid #2e8b57;padding:8px}"
     )
     body = "".join(f"<h2>{html.escape(t)}</h2>\n{h}\n" for t, h, _ in sections)
     page = (

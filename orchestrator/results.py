@@ -68,6 +68,7 @@ rows read back with `psnr_gain` null, and the next write stores it in the curren
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import numbers
@@ -92,6 +93,7 @@ __all__ = [
     "TRIALS_FIXED_SCHEMA",
     "TRIAL_STATUSES",
     "ResultStore",
+    "StudyIOError",
     "atomic_write",
     "attack_record",
     "write_parquet_atomic",
@@ -162,6 +164,34 @@ _TABLE_METADATA = {b"obscura.schema_version": b"2"}
 # --------------------------------------------------------------------------------------------
 
 
+_WHAT_TO_DO = {
+    errno.ENOSPC: "free space on its disk",
+    errno.EDQUOT: "free space or raise your disk quota",
+    errno.EACCES: "make its folder writable",
+    errno.EPERM: "make its folder writable",
+    errno.EROFS: "its file system is read-only; choose another --output",
+}
+
+
+class StudyIOError(OSError):
+    """A study file cannot be read or written; the message is one line naming the file, the
+    cause and what to do (``python -m orchestrator`` prints it and exits with status 1)."""
+
+    @classmethod
+    def about(cls, path: Path, err: BaseException, todo: str) -> StudyIOError:
+        """The error for ``path`` failing with ``err``; ``todo`` is said unless the errno
+        has a more precise remedy (a full disk: free space).
+
+        Example:
+            >>> str(StudyIOError.about(Path("t.parquet"), OSError(28, "No space left"), "retry"))
+            't.parquet: No space left; free space on its disk'
+        """
+        number = getattr(err, "errno", None)
+        why = getattr(err, "strerror", None) or str(err).splitlines()[0]
+        remedy = _WHAT_TO_DO.get(number, todo) if isinstance(number, int) else todo
+        return cls(f"{path}: {why}; {remedy}")
+
+
 def _fsync_dir(folder: Path) -> None:
     """Flush a rename in ``folder`` to disk (POSIX; a no-op elsewhere)."""
     if os.name != "posix":
@@ -178,7 +208,18 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
 
     The temporary file is flushed and fsynced before ``os.replace`` puts it onto ``path``, so
     readers see either the previous complete file or the new one. On any error (including
-    ``KeyboardInterrupt``) the temporary file is removed and the error re-raised.
+    ``KeyboardInterrupt``) the temporary file is removed and the error re-raised; an
+    ``OSError`` (a full disk, a read-only folder) as :class:`StudyIOError` naming ``path``.
+
+    Args:
+        path: the file to (re)write.
+        write: fills the open binary file.
+
+    Raises:
+        StudyIOError: the file cannot be written (the message names it and what to do).
+
+    Example:
+        >>> atomic_write(Path("out/notes.txt"), lambda fh: fh.write(b"done\\n"))  # doctest: +SKIP
     """
     path = Path(path)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
@@ -188,11 +229,13 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         try:
             tmp.unlink(missing_ok=True)
         except OSError as cleanup_error:
             logger.warning("could not remove temporary file %s: %s", tmp, cleanup_error)
+        if isinstance(err, OSError) and not isinstance(err, StudyIOError):
+            raise StudyIOError.about(path, err, "cannot write it") from err
         raise
     _fsync_dir(path.parent)
 
@@ -597,10 +640,16 @@ class ResultStore:
     lock so callbacks on several threads can share one store; one process should own a folder.
     """
 
-    def __init__(self, folder: Path) -> None:
-        """Create ``folder`` if needed and load any existing ``trials``/``rounds``/``attacks``."""
+    def __init__(self, folder: Path, *, read_only: bool = False) -> None:
+        """Create ``folder`` if needed and load any existing ``trials``/``rounds``/``attacks``.
+
+        ``read_only`` (the report): the folder is not created and every write raises
+        ``PermissionError``. A file that cannot be read (truncated, corrupt, not Parquet)
+        raises :class:`StudyIOError` naming it."""
         self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.read_only = read_only
+        if not read_only:
+            self.folder.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
         self._trials: dict[str, dict[str, Any]] = {}
         self._rounds: dict[str, list[dict[str, Any]]] = {}
@@ -626,10 +675,26 @@ class ResultStore:
         """Path of ``attacks.parquet``."""
         return self.folder / ATTACKS_FILE
 
+    def _read(self, path: Path) -> pa.Table:
+        """A stored table; an unreadable file is one :class:`StudyIOError` naming it."""
+        try:
+            return pq.read_table(path)
+        except (pa.ArrowException, OSError) as err:
+            raise StudyIOError.about(
+                path,
+                err,
+                "the file is truncated or corrupt: restore it from a backup, or move the "
+                "study folder away and start the study again",
+            ) from err
+
+    def _writable(self) -> None:
+        if self.read_only:
+            raise PermissionError(f"{self.folder}: this ResultStore was opened read-only")
+
     def _load(self) -> None:
         """Read existing tables (resume); values come back as the Python types stored."""
         if self.trials_path.exists():
-            table = pq.read_table(self.trials_path)
+            table = self._read(self.trials_path)
             _check_fixed(table, list(TRIALS_FIXED_SCHEMA), self.trials_path)
             rows = table.to_pylist()
             _check_unique(rows, ["trial_id"], str(self.trials_path))
@@ -639,12 +704,12 @@ class ResultStore:
             }
             self._trials_table = table
         if self.rounds_path.exists():
-            table = pq.read_table(self.rounds_path)
+            table = self._read(self.rounds_path)
             _check_fixed(table, ROUNDS_FIXED_FIELDS, self.rounds_path)
             self._rounds = _group(table.to_pylist())
             self._rounds_table = table
         if self.attacks_path.exists():
-            table = pq.read_table(self.attacks_path)
+            table = self._read(self.attacks_path)
             table = _with_added_columns(table, ATTACKS_SCHEMA, _ATTACK_ADDED)
             _check_fixed(table, list(ATTACKS_SCHEMA), self.attacks_path)
             self._attacks = _group(table.to_pylist())
@@ -697,6 +762,7 @@ class ResultStore:
 
     def _write_trials(self, trials: dict[str, dict[str, Any]]) -> None:
         """Write ``trials`` and, once written, make it the in-memory state."""
+        self._writable()
         table = _trials_table(list(trials.values()), self._param_types)
         write_parquet_atomic(table, self.trials_path)
         self._trials = trials
@@ -713,6 +779,7 @@ class ResultStore:
         empty ``rows`` removes the trial's rounds.
         """
         with self._lock:
+            self._writable()
             _str_or_null(trial_id, "add_rounds: trial_id", required=True)
             new = [_normalise_round(trial_id, r, i) for i, r in enumerate(rows)]
             _check_unique(new, ["round"], f"rounds of trial {trial_id!r}")
@@ -731,6 +798,7 @@ class ResultStore:
         attacks.
         """
         with self._lock:
+            self._writable()
             _str_or_null(trial_id, "add_attacks: trial_id", required=True)
             new = [_normalise_attack(trial_id, r, i) for i, r in enumerate(rows)]
             _check_unique(

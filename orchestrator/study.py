@@ -12,6 +12,11 @@ Resuming (``--resume``) starts a new Tune run for the trials still missing, on t
 storage, Parquet files and MLflow parent run: a trial interrupted by a killed driver is marked
 failed in Optuna, dropped from Parquet and its MLflow run marked KILLED, and then run again; one
 recorded in Parquet whose completion had not yet reached Optuna is completed there from its row.
+
+The folder has one writer: the driver holds :class:`orchestrator.folder_lock.StudyLock` for the
+whole run. A resume is refused when the study file changed (:mod:`orchestrator.resume_check`).
+Round checkpoints hold the victims' images: they are deleted when the Tune run ends, however it
+ends, and first thing on a resume for the runs a killed driver left (:mod:`orchestrator.privacy`).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import os
 import sys
 from collections.abc import Iterator
@@ -29,8 +35,11 @@ import optuna
 
 from orchestrator.analysis import StudyResults
 from orchestrator.config import StudyConfig, dump_study, load_study
+from orchestrator.folder_lock import StudyLock
+from orchestrator.privacy import drop_trial_images, private_dir, purge_private
 from orchestrator.reconcile import Reconciled, reconcile
-from orchestrator.results import ResultStore
+from orchestrator.results import ResultStore, StudyIOError, atomic_write
+from orchestrator.resume_check import check_study_folder
 from orchestrator.search_space import (
     define_by_run,
     initial_points,
@@ -42,7 +51,20 @@ if TYPE_CHECKING:
     from orchestrator.tracking import StudyTracker
 
 
-def _trainable(tune_config: dict[str, Any], study_raw: dict[str, Any], customs: dict) -> None:
+#: Ray loggers whose INFO lines (one "Checkpoint successfully created" per round of every trial)
+#: would bury the study's progress; kept at WARNING in the workers unless ``--verbose``.
+RAY_CHATTER = ("ray.train", "ray.tune")
+
+
+def quiet_ray_chatter() -> None:
+    """Raise Ray Train's and Tune's worker loggers to WARNING (errors still show)."""
+    for name in RAY_CHATTER:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _trainable(
+    tune_config: dict[str, Any], study_raw: dict[str, Any], customs: dict, quiet: bool = True
+) -> None:
     """The function every Ray Tune trial runs (module level so Ray can ship it)."""
     import ray
     from ray import tune
@@ -50,6 +72,8 @@ def _trainable(tune_config: dict[str, Any], study_raw: dict[str, Any], customs: 
     from orchestrator.registry import restore_customs
     from orchestrator.trial import run_trial
 
+    if quiet:
+        quiet_ray_chatter()
     restore_customs(customs)
     config = StudyConfig.model_validate(study_raw)
     defense, params = trial_params(config, tune_config)
@@ -84,6 +108,7 @@ def _trainable(tune_config: dict[str, Any], study_raw: dict[str, Any], customs: 
 
 
 CHECKPOINT_FILE = "simulator.pt"
+STAGING = ".staging"
 
 
 def _load_checkpoint() -> dict[str, Any] | None:
@@ -112,7 +137,10 @@ def _save_checkpoint(config: StudyConfig, state: dict[str, Any], record: Any) ->
 
     metrics: dict[str, Any] = {o.metric: float("nan") for o in config.objectives}
     metrics.update(phase="training", round=record.round, train_loss=record.train_loss)
-    with tempfile.TemporaryDirectory() as folder:
+    # staged inside the study's private ray/ folder (not /tmp), named like a checkpoint so
+    # that the purges find what a worker killed mid-save leaves
+    staging = private_dir(config.folder / "ray" / STAGING)
+    with tempfile.TemporaryDirectory(prefix="checkpoint_staging-", dir=staging) as folder:
         torch.save(state, Path(folder) / CHECKPOINT_FILE)
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
 
@@ -162,30 +190,52 @@ class Study:
             address: a Ray cluster to join (default: ``RAY_ADDRESS``, else a local Ray).
             output: overrides ``output`` for this run.
             resume: continue the study in its output folder.
-            verbose: Ray Tune's verbosity.
+            verbose: Ray Tune's verbosity (2 or more also shows Ray's worker log lines,
+                such as its checkpoint notices, hidden at 1).
 
         Raises:
             FileExistsError: the folder already holds a study and ``resume`` is False.
-            StudyFileError: the data, the tracking server or the cluster cannot serve the study.
+            StudyFileError: the data, the tracking server or the cluster cannot serve the study;
+                or ``resume`` without a study, with a changed study file or tracking URI.
+            FolderLockedError: another driver runs this study folder.
+            StudyIOError: a study file cannot be read or written (named in the message).
+            pydantic.ValidationError: ``trials`` or ``concurrency`` out of the study-file bounds.
             KeyboardInterrupt: Ctrl-C; completed trials are kept for ``--resume``.
         """
-        from orchestrator.summary import summarise
-        from orchestrator.tracking import StudyTracker
-
         cfg = self._effective(trials, concurrency, output)
         self._preflight(cfg)
         folder = cfg.folder
-        if not resume and (folder / "trials.parquet").exists():
-            raise FileExistsError(
-                f"{folder} already holds a study; add --resume to continue it, or choose "
-                "another --output or study name"
-            )
-        # Ray first: an unreachable cluster or a GPU it lacks ends the study before anything
-        # is written (no folder, no MLflow run).
-        self._start_ray(address)
-        self._check_cluster(cfg)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "study.yaml").write_text(dump_study(cfg))
+        with contextlib.ExitStack() as held:
+            locked = folder.exists()
+            if locked:  # a second driver is refused before it starts Ray
+                held.enter_context(StudyLock(folder))
+            check_study_folder(cfg, resume=resume)
+            # Ray first: an unreachable cluster or a GPU it lacks ends the study before
+            # anything is written (no folder, no MLflow run).
+            owns_ray = self._start_ray(address)
+            self._check_cluster(cfg)
+            if not locked:
+                held.enter_context(StudyLock(folder))
+                check_study_folder(cfg, resume=resume)  # again, now that no one else can write
+            return self._run_locked(cfg, resume, output, owns_ray, verbose)
+
+    def _run_locked(
+        self,
+        cfg: StudyConfig,
+        resume: bool,
+        output: str | Path | None,
+        owns_ray: bool,
+        verbose: int,
+    ) -> StudyResults:
+        """The study in its locked folder: records reconciled on resume, the Tune run, the
+        front."""
+        from orchestrator.summary import summarise
+        from orchestrator.tracking import StudyTracker
+
+        folder = cfg.folder
+        if resume:  # the round checkpoints (private images) a killed driver left behind
+            purge_private(folder / "ray")
+        atomic_write(folder / "study.yaml", lambda fh: fh.write(dump_study(cfg).encode("utf-8")))
         store = ResultStore(folder)
         tracker = StudyTracker(cfg.tracking.mlflow_uri, cfg.study, folder, resume=resume)
         storage = f"sqlite:///{folder / 'optuna.db'}"
@@ -194,23 +244,28 @@ class Study:
             if resume
             else Reconciled(done=0, points=initial_points(cfg))
         )
+        drop_trial_images(folder / "images", state.dropped)
         if not resume or tracker_is_new(tracker):
             tracker.log_study(_flat_params(cfg), dump_study(cfg))
         if cfg.search.trials > state.done:
+            private_dir(folder / "ray")
+            if cfg.tracking.log_images != "none":
+                private_dir(folder / "images")
             tuner = _tuner(cfg, store, tracker, storage, state, verbose)
-            _fit(tuner, tracker, folder, cfg.output if output else None)
+            _fit(tuner, tracker, folder, cfg.output if output else None, owns_ray)
         return summarise(cfg, store, tracker)
 
     def _effective(
         self, trials: int | None, concurrency: int | None, output: str | Path | None
     ) -> StudyConfig:
-        """A copy of the study's config with this run's overrides."""
-        search: dict[str, Any] = {}
+        """A copy of the study's config with this run's overrides, validated like the study
+        file's values (``pydantic.ValidationError`` names a bad one)."""
+        search: dict[str, Any] = self.config.search.model_dump()
         if trials is not None:
             search["trials"] = trials
         if concurrency is not None:
             search["concurrency"] = concurrency
-        update: dict[str, Any] = {"search": self.config.search.model_copy(update=search)}
+        update: dict[str, Any] = {"search": type(self.config.search).model_validate(search)}
         if output is not None:
             update["output"] = Path(output).expanduser().resolve()
         return self.config.model_copy(update=update, deep=True)
@@ -253,11 +308,12 @@ class Study:
             )
 
     @staticmethod
-    def _start_ray(address: str | None) -> None:
+    def _start_ray(address: str | None) -> bool:
+        """Connect to (or start) Ray unless it runs already; True when this call did."""
         import ray
 
         if ray.is_initialized():
-            return
+            return False
         target = address or os.environ.get("RAY_ADDRESS")
         if target:
             from orchestrator.network import check_ray_address
@@ -273,6 +329,7 @@ class Study:
                 f"cannot reach the Ray cluster at {target!r}: {err}. Start it with "
                 "`ray start --head` or drop --address to run locally"
             ) from err
+        return True
 
 
 @contextlib.contextmanager
@@ -312,7 +369,10 @@ def _tuner(
     searcher = _searcher(cfg, storage, state.points)
     trainable = tune.with_resources(
         tune.with_parameters(
-            _trainable, study_raw=cfg.model_dump(mode="json"), customs=capture_customs()
+            _trainable,
+            study_raw=cfg.model_dump(mode="json"),
+            customs=capture_customs(),
+            quiet=verbose < 2,
         ),
         {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu},
     )
@@ -338,8 +398,12 @@ def _tuner(
     )
 
 
-def _fit(tuner: Any, tracker: StudyTracker, folder: Path, output: Path | None) -> None:
-    """Run the experiment; on Ctrl-C mark the parent run interrupted and say how to resume."""
+def _fit(
+    tuner: Any, tracker: StudyTracker, folder: Path, output: Path | None, owns_ray: bool
+) -> None:
+    """Run the experiment, then delete every round checkpoint however it ended (a Ray this
+    study started is shut down first when it did not complete, so no trial writes one
+    after); on Ctrl-C mark the parent run interrupted and say how to resume."""
     try:
         # Ctrl-C raises KeyboardInterrupt here instead of Ray Tune's own handler, which would
         # return as if the study were done and suggest Tuner.restore (not ours). Round
@@ -349,15 +413,31 @@ def _fit(tuner: Any, tracker: StudyTracker, folder: Path, output: Path | None) -
             TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S="0",
         ):
             tuner.fit()
-    except KeyboardInterrupt:
-        tracker.interrupt()
-        print(
-            f"\nStudy interrupted. Completed trials are saved in {folder}.\n"
-            f"Resume with: python -m orchestrator study <study file> --resume"
-            + (f" --output {output}" if output else ""),
-            file=sys.stderr,
-        )
+    except BaseException as err:
+        if owns_ray:
+            import ray
+
+            ray.shutdown()
+        _purge_after_failure(folder / "ray")
+        if isinstance(err, KeyboardInterrupt):
+            tracker.interrupt()
+            print(
+                f"\nStudy interrupted. Completed trials are saved in {folder}.\n"
+                f"Resume with: python -m orchestrator study <study file> --resume"
+                + (f" --output {output}" if output else ""),
+                file=sys.stderr,
+            )
         raise
+    purge_private(folder / "ray")
+
+
+def _purge_after_failure(ray_dir: Path) -> None:
+    """The checkpoints' purge while another error is on its way out: a file that cannot be
+    deleted is named in a warning instead of replacing that error."""
+    try:
+        purge_private(ray_dir)
+    except StudyIOError as err:
+        print(f"[obscura] warning: {err}", file=sys.stderr, flush=True)
 
 
 def _searcher(cfg: StudyConfig, storage: str, points: list[dict]) -> Any:

@@ -39,3 +39,10 @@ class RecordedFirstOptunaSearch(OptunaSearch):  # type: ignore[misc]
         result = self._held.pop(trial_id, None)
         if result is not None:
             super().on_trial_complete(trial_id, result)
+
+    def discard(self, trial_id: str) -> None:
+        """Tell Optuna that ``trial_id`` failed: its success is held but could not be recorded
+        (the study's callback marked it failed)."""
+        self._held.pop(trial_id, None)
+        if trial_id in self._ot_trials:
+            super().on_trial_complete(trial_id, None, error=True)

@@ -6,15 +6,24 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+MAX_CLIENTS = 100_000
+"""Most clients of a federation (``clients``, ``clients_per_round``)."""
+MAX_ROUNDS = 100_000
+"""Most rounds of a federated run."""
+MAX_STEPS = 1_000_000
+"""Most local epochs, local steps, and examples per batch."""
+
 
 class PartitionConfig(BaseModel):
     """How the training split is divided among clients (see :func:`fl.data.partition`)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     scheme: Literal["iid", "dirichlet", "shards"] = "iid"
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (smaller = more skew).")
-    shards_per_client: int = Field(2, ge=1, description="Label shards (~classes) per client.")
+    shards_per_client: int = Field(
+        2, ge=1, le=10_000, description="Label shards (~classes) per client (at most 10000)."
+    )
     max_per_client: int | None = Field(None, ge=1, description="Cap on examples per client.")
 
 
@@ -30,21 +39,24 @@ class FederationConfig(BaseModel):
     same weights.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     algorithm: Literal["fedsgd", "fedavg"] = "fedavg"
-    clients: int = Field(10, ge=1)
-    clients_per_round: int = Field(10, ge=1)
-    rounds: int = Field(5, ge=1)
-    local_epochs: int = Field(1, ge=1)
-    local_steps: int | None = Field(None, ge=1)
-    batch_size: int = Field(32, ge=1)
+    clients: int = Field(10, ge=1, le=MAX_CLIENTS, description=f"At most {MAX_CLIENTS}.")
+    clients_per_round: int = Field(
+        10, ge=1, le=MAX_CLIENTS, description=f"At most {MAX_CLIENTS} (and clients)."
+    )
+    rounds: int = Field(5, ge=1, le=MAX_ROUNDS, description=f"At most {MAX_ROUNDS}.")
+    local_epochs: int = Field(1, ge=1, le=MAX_STEPS, description=f"At most {MAX_STEPS}.")
+    local_steps: int | None = Field(None, ge=1, le=MAX_STEPS, description=f"At most {MAX_STEPS}.")
+    batch_size: int = Field(32, ge=1, le=MAX_STEPS, description=f"At most {MAX_STEPS}.")
     lr: float = Field(0.01, gt=0)
     server_lr: float = Field(1.0, gt=0)
     partition: PartitionConfig = Field(default_factory=PartitionConfig)
     eval_batch_size: int = Field(
         64,
         ge=1,
+        le=MAX_STEPS,
         description="Batch of the test-split evaluation after each round. Small batches keep "
         "activations in the CPU's caches: the ConvNet (width 32) evaluates PneumoniaMNIST's 624 "
         "test images in 1.2 s at 64 and 2.5 s at 512 on 2 cores; raise it on a GPU.",
@@ -58,6 +70,7 @@ class FederationConfig(BaseModel):
     parallel_clients: int = Field(
         1,
         ge=1,
+        le=MAX_CLIENTS,
         description="Train up to this many sampled clients at the same time, in threads that "
         "share the process's CPU threads (CPU only; each client gets its own model copy). Used "
         "only with hooks that declare concurrent_clients (none, gradient_noise, prune, weight_dp); "
@@ -100,7 +113,7 @@ class CaptureConfig(BaseModel):
     the private labels; by default labels stay in the ground truth only.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     rounds: list[int] = Field(default_factory=list)
     victims: int = Field(1, ge=0)

@@ -98,7 +98,10 @@ def test_custom_defense_and_objective_in_a_study(tiny_study, custom_parts, tmp_p
     path = tiny_study(
         {
             "defenses": {"none": {}, "blur": {"strength": {"type": "int", "low": 1, "high": 3}}},
-            "objectives": [{"metric": "psnr_per_accuracy", "mode": "min"}],
+            "objectives": [
+                {"metric": "test_accuracy", "mode": "max"},
+                {"metric": "psnr_per_accuracy", "mode": "min"},
+            ],
             "tracking.log_images": "none",
         }
     )
