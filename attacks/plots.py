@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,20 @@ from attacks.metrics import psnr as _psnr
 __all__ = ["save_pair_grid"]
 
 _MAX_COLUMNS = 8
+_TITLE_POINTS = 10
+
+
+def wrap_title(title: str, width_inches: float, points: int = _TITLE_POINTS) -> list[str]:
+    """``title`` in lines that fit a figure ``width_inches`` wide at ``points`` (an average
+    character ~0.6 em), broken at spaces and hyphens, never inside a word (a word wider than
+    the figure gets a line of its own; :func:`save_pair_grid` widens the figure to fit it).
+
+    Example:
+        >>> wrap_title("inverting_gradients, round 0, client 3", 2.0)
+        ['inverting_gradients,', 'round 0, client 3']
+    """
+    chars = max(8, int(width_inches * 72 / (0.6 * points)))
+    return textwrap.wrap(title, chars, break_long_words=False) or [title]
 
 
 def _to_hwc(images: Any, name: str) -> np.ndarray:
@@ -29,6 +44,20 @@ def _to_hwc(images: Any, name: str) -> np.ndarray:
         raise ValueError(f"{name} must be (B, C, H, W) with C in (1, 3), got {tuple(x.shape)}")
     x = torch.nan_to_num(x, nan=0.0, posinf=1.0, neginf=0.0).clamp(0.0, 1.0)
     return x.permute(0, 2, 3, 1).numpy()
+
+
+def _psnr_values(
+    truth: np.ndarray, rec: np.ndarray, n: int, psnr: Sequence[float] | None
+) -> list[float]:
+    """The first ``n`` PSNRs: ``psnr`` when given, else computed on the shown pairs."""
+    if psnr is not None:
+        return [float(v) for v in psnr[:n]]
+    return [
+        _psnr(
+            torch.from_numpy(rec[i]).permute(2, 0, 1), torch.from_numpy(truth[i]).permute(2, 0, 1)
+        )
+        for i in range(n)
+    ]
 
 
 def save_pair_grid(
@@ -63,21 +92,15 @@ def save_pair_grid(
     if psnr is not None and len(psnr) != truth.shape[0]:
         raise ValueError(f"got {len(psnr)} PSNR values for {truth.shape[0]} images")
     n = min(truth.shape[0], max_images)
-    if psnr is None:
-        values = [
-            _psnr(
-                torch.from_numpy(rec[i]).permute(2, 0, 1),
-                torch.from_numpy(truth[i]).permute(2, 0, 1),
-            )
-            for i in range(n)
-        ]
-    else:
-        values = [float(v) for v in psnr[:n]]
+    values = _psnr_values(truth, rec, n, psnr)
 
     cols = min(n, _MAX_COLUMNS)
     pairs = math.ceil(n / cols)
     per = 2 if show_truth else 1
-    fig = Figure(figsize=(1.4 * cols + 0.6, 1.45 * per * pairs + (0.4 if title else 0.0)), dpi=100)
+    longest = max((len(word) for word in (title or "").split()), default=0)
+    width = max(1.4 * cols + 0.6, (longest + 2) * 0.6 * _TITLE_POINTS / 72)
+    lines = wrap_title(title, width) if title else []
+    fig = Figure(figsize=(width, 1.45 * per * pairs + 0.2 + 0.18 * len(lines)), dpi=100)
     FigureCanvasAgg(fig)
     axes = np.atleast_2d(fig.subplots(per * pairs, cols, squeeze=False))
     for ax in axes.flat:
@@ -102,8 +125,8 @@ def save_pair_grid(
             if show_truth:
                 axes[row, col].set_ylabel("truth", fontsize=8)
             axes[row + per - 1, col].set_ylabel("recon", fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=10)
+    if lines:
+        fig.suptitle("\n".join(lines), fontsize=_TITLE_POINTS)
     fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
