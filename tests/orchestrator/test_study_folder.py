@@ -223,6 +223,7 @@ def _fake_trial(trial_id: str) -> SimpleNamespace:
     )
 
 
+@pytest.mark.slow  # a real study or MLflow's 20 s busy wait
 def test_a_locked_mlflow_database_fails_the_trial_not_the_study(unit_config, tmp_path) -> None:
     """A SQLite store locked by another process (MLflow gives up after its 20 s busy
     timeout): the trial is recorded failed in Parquet with the reason, nothing raises."""
@@ -245,6 +246,7 @@ def test_a_locked_mlflow_database_fails_the_trial_not_the_study(unit_config, tmp
     assert "--resume" in row["error"]
 
 
+@pytest.mark.slow  # a real study or MLflow's 20 s busy wait
 def test_a_full_disk_fails_the_trial_and_the_study_goes_on(tiny_study, local_ray_run) -> None:
     """The first completed trial's rounds.parquet write lands on ``/dev/full`` (ENOSPC): that
     trial is recorded failed, saying to free space; the next one completes."""
@@ -261,6 +263,7 @@ def test_a_full_disk_fails_the_trial_and_the_study_goes_on(tiny_study, local_ray
     assert not list((cfg.folder / "ray").rglob("simulator.pt"))
 
 
+@pytest.mark.slow  # a real study or MLflow's 20 s busy wait
 def test_a_write_that_keeps_failing_ends_the_study_in_one_line(tiny_study, capsys) -> None:
     """trials.parquet cannot be written at all (its temporary name is taken by a folder): the
     trial cannot even be marked failed, so the study stops: exit 1, one line naming the file."""
@@ -290,6 +293,7 @@ class _RaisesWithImages(Defense):
         raise ValueError("bad batch", images.clone())
 
 
+@pytest.mark.slow  # a real study or MLflow's 20 s busy wait
 def test_a_failed_trial_leaves_no_pickled_error(tiny_study, local_ray_run) -> None:
     register_defense("raises_with_images")(_RaisesWithImages)
     try:
