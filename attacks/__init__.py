@@ -8,7 +8,8 @@ rec = get_attack("idlg", iterations=300, seed=0).run(obs)
 Registered attacks: ``dlg``, ``idlg``, ``inverting_gradients`` (gradient messages; the last also
 FedAvg weights with a known learning rate and step count), ``dlm`` and ``dlm_plus`` (weights),
 ``see_through_gradients`` (GradInversion: BatchNorm statistics from the returned buffers),
-``analytic`` (closed form through a fully connected first layer; gradients or one-step FedAvg).
+``analytic`` (closed form through a fully connected first layer; gradients or FedAvg updates of
+plain-SGD local steps).
 """
 
 from attacks import analytic as _analytic  # noqa: F401  (registers analytic)
