@@ -193,7 +193,8 @@ def _validity_section(cfg: StudyConfig, df: pd.DataFrame) -> Section:
         ["best attack's SSIM", _fmt(verdict.ssim, 3)],
         ["needed (validity.min_ssim)", _fmt(verdict.min_ssim, 3)],
     ]
-    text = f"{answer[verdict.status]} {verdict.message()[0].upper()}{verdict.message()[1:]}."
+    message = verdict.message()
+    text = f"{answer[verdict.status]} {message[0].upper()}{message[1:]}."
     css = "ok" if verdict.ok else "warning"
     return (
         "Can this study rank defenses?",
