@@ -179,6 +179,32 @@ def batchnorm_targets(obs: Observation) -> dict[str, BatchNormTarget]:
     return out
 
 
+def running_targets(obs: Observation) -> dict[str, BatchNormTarget]:
+    """The running statistics of the model the server sent (``obs.global_state``), as one-forward
+    targets: what the federation's past batches looked like, known to every server without the
+    client's returned buffers (DeepInversion's setting, Yin et al., CVPR 2020). Empty for a
+    model without BatchNorm or whose layers never tracked a batch (fresh buffers say nothing).
+
+    Example:
+        >>> targets = running_targets(obs)  # doctest: +SKIP
+    """
+    layers = batchnorm_layers(obs.model)
+    tracked = [float(obs.global_state.get(f"{n}.num_batches_tracked", 0)) for n, _ in layers]
+    if not layers or min(tracked) <= 0:
+        return {}
+    pixels = _values_per_image(obs.model, obs)
+    size = max(int(obs.batch_size or obs.num_examples), 2)
+    return {
+        name: BatchNormTarget(
+            mean=obs.global_state[f"{name}.running_mean"].to(obs.device),
+            var=obs.global_state[f"{name}.running_var"].to(obs.device),
+            weights=(1.0,),
+            counts=(size * pixels[name],),
+        )
+        for name, _ in layers
+    }
+
+
 class BatchNormRecorder:
     """Records, while active, the mean and unbiased variance of every BatchNorm layer's input
     at each forward, and scores them against :func:`batchnorm_targets` with DeepInversion's

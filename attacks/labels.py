@@ -53,7 +53,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attacks.bn_stats import BatchNormRecorder, batchnorm_layers, batchnorm_targets
+from attacks.bn_stats import (
+    BatchNormRecorder,
+    BatchNormTarget,
+    batchnorm_layers,
+    batchnorm_targets,
+    running_targets,
+)
 from fl.simulation.observation import Observation
 
 DUMMY_BATCHES = 4
@@ -343,7 +349,10 @@ def has_batchnorm_buffers(obs: Observation) -> bool:
 
 
 def batchnorm_matched_statistics(
-    obs: Observation, steps: int = BN_STEPS, seed: int = 0
+    obs: Observation,
+    steps: int = BN_STEPS,
+    seed: int = 0,
+    targets: dict[str, BatchNormTarget] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """As :func:`dummy_statistics`, on one dummy batch of the client's batch size optimised
     first for ``steps`` Adam steps on DeepInversion's BatchNorm distance alone (Yin et al.,
@@ -355,6 +364,8 @@ def batchnorm_matched_statistics(
     Args:
         obs: a client step with BatchNorm buffers (:func:`has_batchnorm_buffers`).
         steps: Adam steps; seed: the dummies' generator seed.
+        targets: statistics to match instead of the revealed ones (e.g.
+            :func:`attacks.bn_stats.running_targets`).
 
     Raises:
         ValueError: the buffers are missing (from :func:`attacks.bn_stats.batchnorm_targets`).
@@ -362,7 +373,7 @@ def batchnorm_matched_statistics(
     Example:
         >>> pbar, feature_sum = batchnorm_matched_statistics(obs)  # doctest: +SKIP
     """
-    targets = batchnorm_targets(obs)
+    targets = batchnorm_targets(obs) if targets is None else targets
     model = copy.deepcopy(obs.model).train()
     for param in model.parameters():
         param.requires_grad_(False)
@@ -398,6 +409,14 @@ def _counts_bn_matched(obs: Observation, last: LastLayer) -> torch.Tensor:
     if not has_batchnorm_buffers(obs):
         return _counts_bias_corrected(obs, last)
     pbar, feature_sum = batchnorm_matched_statistics(obs)
+    return bias_corrected_counts(_rescaled(last, pbar, feature_sum), pbar, feature_sum)
+
+
+def _counts_running_matched(obs: Observation, last: LastLayer) -> torch.Tensor:
+    targets = running_targets(obs)
+    if not targets:
+        return _counts_guarded_ilrg(obs, last)
+    pbar, feature_sum = batchnorm_matched_statistics(obs, targets=targets)
     return bias_corrected_counts(_rescaled(last, pbar, feature_sum), pbar, feature_sum)
 
 
@@ -471,6 +490,7 @@ LABEL_RULES: dict[str, Callable[[Observation, LastLayer], torch.Tensor]] = {
     "ilrg": _counts_ilrg,
     "guarded_ilrg": _counts_guarded_ilrg,
     "bn_matched": _counts_bn_matched,
+    "running_matched": _counts_running_matched,
     "feature_posterior": _counts_feature_posterior,
 }
 """Label-count rules by name: real-valued counts per class from an observation's last layer."""
@@ -480,18 +500,24 @@ def auto_rule(obs: Observation) -> str:
     """The rule ``auto`` picks (measured in benchmarks/label_inference.py): iDLG for one image;
     for a batch's gradient or one-step FedAvg update with a known learning rate,
     ``bn_matched`` when the BatchNorm buffers are granted, ``feature_posterior`` for a model
-    without BatchNorm, ``guarded_ilrg`` for a BatchNorm model without its buffers (a trained
-    one classifies some images confidently: they leave no trace in the gradient, and the
-    feature posterior misses them); ``yin_llg`` otherwise, whose signs survive several local
-    steps (the model fits a batch of 8 within a step or two) and an unknown scale."""
+    without BatchNorm; for a BatchNorm model without its buffers ``running_matched`` when the
+    sent model's running statistics have tracked batches (a trained model classifies some
+    images confidently: they leave no trace in the gradient, and only dummies with the data's
+    statistics predict like the batch), else ``guarded_ilrg``; for a hidden lr or step count
+    ``running_matched`` when it applies (its scale is fitted); ``yin_llg`` otherwise, whose
+    signs survive several local steps (the model fits a batch of 8 within a step or two) and an
+    unknown scale."""
     if obs.num_examples == 1:
         return "idlg"
     one_step = obs.kind == "gradient" or (obs.lr is not None and obs.local_steps == 1)
     if not one_step:
-        return "yin_llg"
+        hidden = obs.lr is None or obs.local_steps is None
+        return "running_matched" if hidden and running_targets(obs) else "yin_llg"
     if has_batchnorm_buffers(obs):
         return "bn_matched"
-    return "guarded_ilrg" if batchnorm_layers(obs.model) else "feature_posterior"
+    if not batchnorm_layers(obs.model):
+        return "feature_posterior"
+    return "running_matched" if running_targets(obs) else "guarded_ilrg"
 
 
 def infer_labels(obs: Observation, method: str = "auto") -> torch.Tensor:
@@ -499,13 +525,17 @@ def infer_labels(obs: Observation, method: str = "auto") -> torch.Tensor:
 
     ``auto``: :func:`auto_rule` (iDLG's exact rule for one image; for a batch's gradient or
     one-step FedAvg update ``bn_matched`` with BatchNorm buffers, ``feature_posterior``
-    without BatchNorm, ``guarded_ilrg`` for BatchNorm without buffers; ``yin_llg`` otherwise).
+    without BatchNorm, ``running_matched`` (tracked running statistics) or ``guarded_ilrg``
+    for BatchNorm without buffers; ``yin_llg`` otherwise, or ``running_matched`` when the lr
+    or the step count is hidden and the running statistics apply).
     Rules (:data:`LABEL_RULES`): ``idlg`` (every image gets iDLG's label), ``yin_llg``
     (:func:`batch_labels`), ``bias_corrected`` (Geng et al. 2021: ``n_c = B (pbar_c - db_c)``,
     ``pbar`` from dummy batches; weight-based without a bias), ``ilrg`` (Wang et al. 2023 as in
     mankasto/iLRG), ``guarded_ilrg`` (iLRG whose posteriors of mixed rows,
     :func:`mixed_rows`, are replaced by the dummy batches' mean posterior), ``bn_matched``
-    (``pbar`` from BatchNorm-matched dummies, :func:`batchnorm_matched_statistics`) and
+    (``pbar`` from BatchNorm-matched dummies, :func:`batchnorm_matched_statistics`),
+    ``running_matched`` (the same, matched to the sent model's running statistics,
+    :func:`attacks.bn_stats.running_targets`: needs no returned buffers) and
     ``feature_posterior`` (:func:`feature_posterior_counts`). Real-valued counts are rounded to
     non-negative integers summing to the batch (:func:`round_counts`).
 

@@ -43,6 +43,7 @@ METHODS = (
     "guarded_ilrg",
     "feature_posterior",
     "bn_matched",
+    "running_matched",
 )
 """Rules measured one by one; ``auto`` is scored as the rule :func:`auto_rule` picks."""
 STEPS: dict[str, dict[str, object]] = {

@@ -131,16 +131,25 @@ def trained_convnet(root: Path, steps: int = 100) -> torch.nn.Module:
 
 def test_batchnorm_matched_labels_after_training(shared_dir: Path) -> None:
     """After training, BatchNorm-matched dummies (the buffers granted) give the batch's mean
-    posterior: measured 1.00 on these 8 batches (guarded_ilrg 0.94); floor 0.9. Without the
-    buffers ``auto`` falls back to guarded_ilrg."""
+    posterior: measured 0.95 and 1.00 on these 8 batches with this machine's default and AVX2
+    kernels (guarded_ilrg 0.94); floor 0.9. Without the buffers ``auto`` matches the dummies to
+    the sent model's running statistics instead (``running_matched``): measured 0.97 and 0.98;
+    floor 0.9. A fresh model (no batch tracked) falls back to guarded_ilrg."""
     model = trained_convnet(shared_dir)
-    scores = []
+    scores: dict[str, list[float]] = {"bn_matched": [], "running_matched": []}
     for x, y, mean, std in retina_batches(shared_dir):
         obs, _ = observe_client_step(model, x, y, mean=mean, std=std)
         assert has_batchnorm_buffers(obs) and auto_rule(obs) == "bn_matched"
-        scores.append(multiset_accuracy(infer_labels(obs, "bn_matched"), y, 5))
-    hidden = obs.replace(buffers={})
-    assert not has_batchnorm_buffers(hidden) and auto_rule(hidden) == "guarded_ilrg"
+        scores["bn_matched"].append(multiset_accuracy(infer_labels(obs, "bn_matched"), y, 5))
+        hidden = obs.replace(buffers={})
+        assert not has_batchnorm_buffers(hidden) and auto_rule(hidden) == "running_matched"
+        labels = infer_labels(hidden, "running_matched")
+        scores["running_matched"].append(multiset_accuracy(labels, y, 5))
     assert torch.equal(infer_labels(hidden, "bn_matched"), infer_labels(hidden, "bias_corrected"))
-    acc = sum(scores) / len(scores)
-    assert acc >= 0.9, scores
+    fresh, _ = observe_client_step(model_for("convnet", 5, 0), x, y, mean=mean, std=std)
+    assert auto_rule(fresh.replace(buffers={})) == "guarded_ilrg"
+    update, _ = observe_client_step(model, x, y, algorithm="fedavg", lr=0.05, mean=mean, std=std)
+    assert auto_rule(update.replace(lr=None, local_steps=None)) == "running_matched"
+    assert auto_rule(update.replace(local_steps=4)) == "yin_llg"
+    for rule, values in scores.items():
+        assert sum(values) / len(values) >= 0.9, (rule, values)
