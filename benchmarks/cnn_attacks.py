@@ -27,13 +27,15 @@ returned buffers) and, with ``--labels known``, the labels.
         [--restarts 1] [--images 4] [--labels known|infer] [--algorithm fedsgd|fedavg]
         [--lr 0.01] [--local-steps 1] [--train KEY=VALUE] [--seed 0]
         [--data-root ../shared/data] [--cache ~/.cache/obscura/cnn_attacks]
-        [--json results.jsonl] [--threads N] [--device auto]
+        [--json results.jsonl] [--grid FOLDER] [--threads N] [--device auto]
     python benchmarks/cnn_attacks.py --datasets photos --models convnet16 --states untrained \\
         --batches 1 --iterations 200 --images 2 --threads 1        # a quick look
 
 ``--json PATH`` appends one JSON object per line (JSON Lines) after every victim, so a killed run
-keeps what it measured. LPIPS uses OBSCURA_LPIPS_BACKBONE, or
-../shared/weights/lpips_alexnet_features.pth when present. Run on an idle machine.
+keeps what it measured. ``--grid FOLDER`` saves one PNG per method row: the victims' true
+images above their reconstructions (assignment order), each with its PSNR. LPIPS uses
+OBSCURA_LPIPS_BACKBONE, or ../shared/weights/lpips_alexnet_features.pth when present. Run on an
+idle machine.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ import torch
 
 from attacks import AttackConfigError, AttackerCapabilities, get_attack
 from attacks.metrics import flat_value, score, score_images
+from attacks.plots import save_pair_grid
 from attacks.samples import sample_images
 from fl import data, models
 from fl.simulation import (
@@ -436,13 +439,17 @@ def flat_rows(bench: Bench, group: Group, victims: list, source: Source) -> list
 
 
 def method_rows(bench: Bench, group: Group, method: str, victims: list) -> list[dict[str, Any]]:
-    """Run ``method`` on every victim of the group and score it, one record per victim."""
+    """Run ``method`` on every victim of the group and score it, one record per victim (and,
+    with ``--grid``, one picture of the group's truths above their reconstructions)."""
     attack_name, params = bench.params(method)
     rows = []
+    shown: list[tuple[torch.Tensor, torch.Tensor, list[float]]] = []
     for i, (obs, truth, idx) in enumerate(victims):
         attack = get_attack(attack_name, **params)
         rec = attack.run(obs, bench.capabilities)
         s = score(rec, truth, device=bench.device, lpips_backbone=bench.lpips_backbone)
+        order = torch.as_tensor(s["assignment"], dtype=torch.long)
+        shown.append((truth.images, rec.images[order], [r["psnr"] for r in s["per_image"]]))
         s.update(
             attack=attack_name,
             params=params,
@@ -453,7 +460,24 @@ def method_rows(bench: Bench, group: Group, method: str, victims: list) -> list[
             label_source=rec.label_source,
         )
         rows.append(bench.record(group, method, i, idx, _keep(s)))
+    if bench.args.grid is not None:
+        save_grid(bench.args.grid, group, method, shown)
     return rows
+
+
+def save_grid(
+    folder: Path, group: Group, method: str, shown: list[tuple[torch.Tensor, torch.Tensor, list]]
+) -> Path:
+    """``folder/<dataset>_<model>_<state>_b<B>_<method>.png``: every victim's images (truth
+    above reconstruction, in the scoring's assignment order) with their PSNR."""
+    name = f"{group.dataset}_{group.model}_{group.state}_b{group.batch}_{method}"
+    truths = torch.cat([t.cpu() for t, _, _ in shown])
+    recs = torch.cat([r.cpu() for _, r, _ in shown])
+    values = [v for _, _, vs in shown for v in vs]
+    title = f"{method}: {group.dataset}, {group.model}, {group.state}, batch {group.batch}"
+    path = save_pair_grid(truths, recs, folder / f"{name}.png", psnr=values, title=title)
+    print(f"grid: {path}", flush=True)
+    return path
 
 
 def _keep(s: dict[str, Any]) -> dict[str, Any]:
@@ -549,6 +573,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="folder of the trained states",
     )
     p.add_argument("--json", type=Path, default=None, help="JSON Lines of per-victim numbers")
+    p.add_argument(
+        "--grid", type=Path, default=None, help="folder for one PNG per row: truth over recon"
+    )
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)

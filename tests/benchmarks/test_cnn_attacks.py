@@ -32,12 +32,13 @@ def _row(stdout: str, method: str) -> list[str]:
 def test_a_tiny_run_on_photos_prints_finite_rows(tmp_path: Path) -> None:
     """Two iterations of ig and stg on one photograph: a flat row, one row per method and the
     summary; numbers finite and in range; labels granted at batch 1 are right; the flat image
-    is its own baseline (gain 0); one JSON record per (method, victim)."""
+    is its own baseline (gain 0); one JSON record per (method, victim); one PNG per method
+    with --grid."""
     out = tmp_path / "raw.jsonl"
     done = _run(
         "--datasets", "photos", "--models", "convnet16", "--states", "untrained",
         "--batches", "1", "--methods", "ig", "stg", "--iterations", "2", "--images", "1",
-        "--threads", "1", "--device", "cpu", "--json", str(out),
+        "--threads", "1", "--device", "cpu", "--json", str(out), "--grid", str(tmp_path / "g"),
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     flat, ig, stg = (_row(done.stdout, m) for m in ("flat", "ig", "stg"))
@@ -57,6 +58,11 @@ def test_a_tiny_run_on_photos_prints_finite_rows(tmp_path: Path) -> None:
     assert all(math.isfinite(r["psnr_mean"]) for r in victims)
     assert victims[1]["attack"] == "inverting_gradients" and victims[1]["iterations"] == 2
     assert victims[2]["attack"] == "see_through_gradients"
+    pictures = sorted(p.name for p in (tmp_path / "g").iterdir())
+    assert pictures == [f"photos_convnet16_untrained_b1_{m}.png" for m in ("ig", "stg")]
+    assert all(
+        (tmp_path / "g" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for name in pictures
+    )
 
 
 def test_a_bad_param_override_exits_2_naming_it() -> None:
