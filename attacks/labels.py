@@ -19,6 +19,9 @@ With softmax cross-entropy the last layer's bias gradient of a batch of B images
 * ``bn_matched`` -- ``bias_corrected`` with ``pbar`` from one dummy batch first optimised on
   DeepInversion's BatchNorm distance (Yin et al., CVPR 2020) to the statistics the returned
   buffers reveal (:func:`batchnorm_matched_statistics`); ``bias_corrected`` without buffers.
+* ``running_matched`` -- the same with the dummies fitted to the running statistics of the
+  model the server sent (:func:`attacks.bn_stats.running_targets`), which needs no returned
+  buffers; ``guarded_ilrg`` while no batch has been tracked.
 * ``feature_posterior`` -- the iLRG embedding of an absent class's row is an exact convex
   combination of the batch's features (every per-image weight is ``p_nc > 0``); absent classes
   have ``pbar_c = db_c``, and the rest of the mass goes to the present classes as the model's
@@ -28,10 +31,12 @@ With softmax cross-entropy the last layer's bias gradient of a batch of B images
 :func:`infer_labels` picks a rule by name; ``auto`` (:func:`auto_rule`) uses iDLG for one image
 and, for a batch's gradient or one-step FedAvg update with known ``lr``: ``bn_matched`` when
 the BatchNorm buffers are granted, ``feature_posterior`` for models without BatchNorm and
-``guarded_ilrg`` (iLRG whose untrustworthy posteriors, :func:`mixed_rows`, are replaced by the
-dummy estimate) for BatchNorm models without buffers; ``yin_llg`` otherwise. Measured
-(benchmarks/label_inference.py, 20 batches of 8 RetinaMNIST images at 32 px, multiset
-accuracy): after 5 FedAvg rounds the BatchNorm ConvNet gets 0.99 with ``bn_matched`` (0.81
+for BatchNorm models without buffers ``running_matched`` once the sent model has tracked
+batches, else ``guarded_ilrg`` (iLRG whose untrustworthy posteriors, :func:`mixed_rows`, are
+replaced by the dummy estimate); ``running_matched`` for a hidden lr or step count when it
+applies; ``yin_llg`` otherwise. Measured (benchmarks/label_inference.py, 20 batches of 8
+RetinaMNIST images at 32 px, multiset accuracy): after 5 FedAvg rounds the BatchNorm ConvNet
+gets 0.99 with ``bn_matched`` and 0.96 with ``running_matched`` without buffers (0.81
 ``guarded_ilrg``, 0.76 ``feature_posterior``: a trained model classifies some images confidently
 and right, which leaves no trace in the gradient) and the LeNet 0.975 with
 ``feature_posterior`` (0.875 ``guarded_ilrg``); untrained models 0.975-1.0 with each default.
