@@ -179,6 +179,14 @@ def batchnorm_targets(obs: Observation) -> dict[str, BatchNormTarget]:
     return out
 
 
+def has_running_statistics(obs: Observation) -> bool:
+    """Whether the sent model has BatchNorm layers that have all tracked at least one batch
+    (what :func:`running_targets` needs; no forward)."""
+    layers = batchnorm_layers(obs.model)
+    tracked = [float(obs.global_state.get(f"{n}.num_batches_tracked", 0)) for n, _ in layers]
+    return bool(layers) and min(tracked) > 0
+
+
 def running_targets(obs: Observation) -> dict[str, BatchNormTarget]:
     """The running statistics of the model the server sent (``obs.global_state``), as one-forward
     targets: what the federation's past batches looked like, known to every server without the
@@ -188,10 +196,9 @@ def running_targets(obs: Observation) -> dict[str, BatchNormTarget]:
     Example:
         >>> targets = running_targets(obs)  # doctest: +SKIP
     """
-    layers = batchnorm_layers(obs.model)
-    tracked = [float(obs.global_state.get(f"{n}.num_batches_tracked", 0)) for n, _ in layers]
-    if not layers or min(tracked) <= 0:
+    if not has_running_statistics(obs):
         return {}
+    layers = batchnorm_layers(obs.model)
     pixels = _values_per_image(obs.model, obs)
     size = max(int(obs.batch_size or obs.num_examples), 2)
     return {

@@ -63,6 +63,7 @@ from attacks.bn_stats import (
     BatchNormTarget,
     batchnorm_layers,
     batchnorm_targets,
+    has_running_statistics,
     running_targets,
 )
 from fl.simulation.observation import Observation
@@ -413,14 +414,20 @@ def batchnorm_matched_statistics(
 def _counts_bn_matched(obs: Observation, last: LastLayer) -> torch.Tensor:
     if not has_batchnorm_buffers(obs):
         return _counts_bias_corrected(obs, last)
-    pbar, feature_sum = batchnorm_matched_statistics(obs)
-    return bias_corrected_counts(_rescaled(last, pbar, feature_sum), pbar, feature_sum)
+    return _matched_counts(obs, last, None)
 
 
 def _counts_running_matched(obs: Observation, last: LastLayer) -> torch.Tensor:
-    targets = running_targets(obs)
-    if not targets:
+    if not has_running_statistics(obs):
         return _counts_guarded_ilrg(obs, last)
+    return _matched_counts(obs, last, running_targets(obs))
+
+
+def _matched_counts(
+    obs: Observation, last: LastLayer, targets: dict[str, BatchNormTarget] | None
+) -> torch.Tensor:
+    """Bias-corrected counts with ``pbar`` from dummies fitted to ``targets`` (None: the
+    revealed batch statistics), :func:`batchnorm_matched_statistics`."""
     pbar, feature_sum = batchnorm_matched_statistics(obs, targets=targets)
     return bias_corrected_counts(_rescaled(last, pbar, feature_sum), pbar, feature_sum)
 
@@ -517,12 +524,12 @@ def auto_rule(obs: Observation) -> str:
     one_step = obs.kind == "gradient" or (obs.lr is not None and obs.local_steps == 1)
     if not one_step:
         hidden = obs.lr is None or obs.local_steps is None
-        return "running_matched" if hidden and running_targets(obs) else "yin_llg"
+        return "running_matched" if hidden and has_running_statistics(obs) else "yin_llg"
     if has_batchnorm_buffers(obs):
         return "bn_matched"
     if not batchnorm_layers(obs.model):
         return "feature_posterior"
-    return "running_matched" if running_targets(obs) else "guarded_ilrg"
+    return "running_matched" if has_running_statistics(obs) else "guarded_ilrg"
 
 
 def infer_labels(obs: Observation, method: str = "auto") -> torch.Tensor:
