@@ -7,12 +7,13 @@ import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar, Generic, TypeVar, cast
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from attacks.consensus import registered_mean
 from attacks.convolution import ExactConvolutions, exact_convolutions
 from attacks.metrics import flat_value
 from attacks.reconstruction import Reconstruction
@@ -36,6 +37,14 @@ class AttackParams(BaseModel):
 
     iterations: int = Field(300, ge=1, description="Optimiser iterations per restart.")
     restarts: int = Field(1, ge=1, description="Independent restarts; best by the attack loss.")
+    restart_average: bool = Field(
+        False,
+        description="Return the mean of the finite restarts instead of the best one, each "
+        "batch first put in the best restart's order by a Hungarian assignment within labels "
+        "(GradInversion's group consensus, Yin et al. 2021 sec. 3.4, without the joint pull); "
+        "the reported loss stays the best restart's. Restarts must differ: a random init, or "
+        "Inverting Gradients' init_noise.",
+    )
     seed: int = Field(0, description="Seed of the dummy initialisation.")
     exact_convolutions: ExactConvolutions = Field(
         "auto",
@@ -102,6 +111,19 @@ def build_reconstruction(
         extras=best.extras,
         flat_value=flat_value(obs.mean, obs.std),
     )
+
+
+def averaged_attempt(attempts: Sequence[Attempt], best: Attempt) -> Attempt:
+    """``best`` with its images replaced by the registered mean
+    (:func:`attacks.consensus.registered_mean`) of every finite, not diverged attempt; the
+    count averaged is in ``extras["restarts_averaged"]``."""
+    kept = [a for a in attempts if not a.diverged and math.isfinite(a.loss)]
+    if not any(a is best for a in kept):
+        return best
+    members = [best] + [a for a in kept if a is not best]
+    mean = registered_mean([a.inputs.detach() for a in members], [a.labels for a in members])
+    extras = {**best.extras, "restarts_averaged": float(len(members))}
+    return replace(best, inputs=mean, extras=extras)
 
 
 def _rank(attempt: Attempt) -> tuple[int, float]:
@@ -188,6 +210,8 @@ class Attack(ABC, Generic[P]):
                 for r in range(self.params.restarts)
             ]
         best = min(attempts, key=_rank)
+        if self.params.restart_average:
+            best = averaged_attempt(attempts, best)
         losses = [a.loss for a in attempts]
         return build_reconstruction(self.name, obs, best, time.perf_counter() - t0, losses)
 

@@ -38,6 +38,13 @@ class InvertingGradientsParams(AttackParams):
     boxed: bool = True
     labels: LabelMode = "auto"
     init: Literal["randn", "rand", "grey", "mean"] = "randn"
+    init_noise: float = Field(
+        0.0,
+        ge=0,
+        description="Std of Gaussian noise (normalised pixel units) added to the initial dummy "
+        "of every restart after the first, then boxed, so that restarts from a fixed init "
+        "('mean', 'grey') differ; for restart_average (0: none).",
+    )
     layer_weights: Literal["equal", "linear", "exp"] = "equal"
     layers: list[str] | None = Field(None, description="Only match these name prefixes.")
     ignore_layers: list[str] = Field(
@@ -99,6 +106,8 @@ class InvertingGradients(Attack[InvertingGradientsParams]):
         p = self.params
         setup = InversionSetup.from_observation(obs, ignore=p.ignore_layers, include=p.layers)
         x = setup.dummy(generator, p.init)
+        if restart > 0 and p.init_noise > 0:
+            setup.perturb(x, generator, p.init_noise)
         plan = plan_labels(p.labels, "infer", obs, setup, generator)
         weights = layer_weights(p.layer_weights, len(setup.target), x.device)
         matched = matching(obs, setup, plan.targets)

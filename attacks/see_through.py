@@ -13,9 +13,9 @@ from typing import Literal
 import numpy as np
 import torch
 from pydantic import Field
-from scipy.optimize import linear_sum_assignment
 
 from attacks.base import Attack, AttackParams, Attempt, register_attack
+from attacks.consensus import registration
 from attacks.label_modes import LabelMode, plan_labels
 from attacks.matching import (
     BatchNormPrior,
@@ -174,12 +174,7 @@ class _Consensus:
 
     def update(self, members: torch.Tensor) -> None:
         """Register the members to member 0 and average them."""
-        ref = members[0].flatten(1)
-        self.orders = []
-        for g in range(self.size):
-            cost = torch.cdist(ref, members[g].flatten(1)).pow(2).cpu().numpy()
-            _, cols = linear_sum_assignment(np.asarray(cost, dtype=np.float64))
-            self.orders.append([int(c) for c in cols])
+        self.orders = [registration(members[0], members[g]) for g in range(self.size)]
         aligned = torch.stack([members[g][self.orders[g]] for g in range(self.size)])
         self.mean = aligned.mean(dim=0)
 

@@ -17,15 +17,16 @@ minus that of the group's "ig" row, which runs first). The "flat" row is that fl
 (gain 0). A summary line per group follows the table.
 
 Methods are the ``METHODS`` registry below (label -> registered attack, parameters); every
-method gets ``--iterations`` and ``--restarts``; ``--param ig.tv=0.1`` overrides one parameter
+method gets ``--iterations`` and, when given, ``--restarts`` (``ig_bn_avg`` and ``ig_avg`` average
+4 restarts of their own); ``--param ig.tv=0.1`` overrides one parameter
 (value parsed as JSON or a Python literal). The attacker knows the BatchNorm statistics (the
 returned buffers) and, with ``--labels known``, the labels.
 
     python benchmarks/cnn_attacks.py [--datasets retinamnist pneumoniamnist photos]
         [--models convnet16 convnet32 resnet18] [--states untrained fedavg5] [--batches 1 4]
-        [--methods ig ig_bn ig_bn_project stg] [--param ig_bn.bn_prior=0.1] [--iterations 1500]
-        [--restarts 1] [--images 4] [--labels known|infer] [--algorithm fedsgd|fedavg]
-        [--lr 0.01] [--local-steps 1] [--train KEY=VALUE] [--seed 0]
+        [--methods ig ig_bn ig_bn_project ig_bn_avg ig_avg stg] [--param ig_bn.bn_prior=0.1]
+        [--iterations 1500] [--restarts N] [--images 4] [--labels known|infer]
+        [--algorithm fedsgd|fedavg] [--lr 0.01] [--local-steps 1] [--train KEY=VALUE] [--seed 0]
         [--data-root ../shared/data] [--cache ~/.cache/obscura/cnn_attacks]
         [--json results.jsonl] [--grid FOLDER] [--threads N] [--device auto]
     python benchmarks/cnn_attacks.py --datasets photos --models convnet16 --states untrained \\
@@ -82,6 +83,19 @@ METHODS: dict[str, tuple[str, dict[str, object]]] = {
         "inverting_gradients",
         {"tv": 0.2, "bn_prior": 0.3, "init": "mean", "bn_project": True},
     ),
+    "ig_bn_avg": (
+        "inverting_gradients",
+        {
+            "tv": 0.2,
+            "bn_prior": 0.3,
+            "init": "mean",
+            "bn_project": True,
+            "restarts": 4,
+            "init_noise": 0.25,
+            "restart_average": True,
+        },
+    ),
+    "ig_avg": ("inverting_gradients", {"tv": 0.2, "restarts": 4, "restart_average": True}),
     "stg": ("see_through_gradients", {}),
     "stg_project": ("see_through_gradients", {"bn_project": True, "init": "mean"}),
 }
@@ -360,9 +374,12 @@ def method_params(
     method: str, args: argparse.Namespace, overrides: dict[str, dict[str, object]]
 ) -> tuple[str, dict[str, object]]:
     """Registered attack and parameters of ``method``: the ``METHODS`` entry, then
-    ``--iterations``, ``--restarts`` and seed 0, then the ``--param`` overrides."""
+    ``--iterations``, ``--restarts`` (when given: otherwise the entry's own, default 1) and
+    seed 0, then the ``--param`` overrides."""
     attack, base = METHODS[method]
-    merged = {**base, "iterations": args.iterations, "restarts": args.restarts, "seed": 0}
+    merged = {**base, "iterations": args.iterations, "seed": 0}
+    if args.restarts is not None:
+        merged["restarts"] = args.restarts
     return attack, {**merged, **overrides.get(method, {})}
 
 
@@ -559,7 +576,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"override the fedavg5 training ({', '.join(k for k in TRAINING if k != 'rounds')})",
     )
     p.add_argument("--iterations", type=int, default=1500, help="every method's iterations")
-    p.add_argument("--restarts", type=int, default=1)
+    p.add_argument(
+        "--restarts", type=int, default=None, help="restarts of every method (default: its own)"
+    )
     p.add_argument("--images", type=int, default=4, help="victims per row")
     p.add_argument("--labels", choices=["known", "infer"], default="known")
     p.add_argument("--algorithm", choices=["fedsgd", "fedavg"], default="fedsgd")
@@ -580,7 +599,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
     for name in ("iterations", "restarts", "images", "local_steps"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if min(args.batches) < 1:
         p.error("--batches must be at least 1")
@@ -608,7 +627,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"device={bench.device} threads={torch.get_num_threads()} {SIZE} px, "
         f"{args.algorithm}, labels {args.labels}, {args.iterations} iterations, "
-        f"{args.restarts} restart(s), {args.images} victims per row, "
+        f"restarts {args.restarts or 'per method'}, {args.images} victims per row, "
         f"LPIPS backbone {bench.lpips_backbone or 'none (LPIPS n/a)'}"
     )
     print(HEADER)
