@@ -36,14 +36,17 @@ class AttackParams(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     iterations: int = Field(300, ge=1, description="Optimiser iterations per restart.")
-    restarts: int = Field(1, ge=1, description="Independent restarts; best by the attack loss.")
+    restarts: int = Field(
+        1, ge=1, description="Independent restarts; best by the attack loss (or restart_average)."
+    )
     restart_average: bool = Field(
         False,
         description="Return the mean of the finite restarts instead of the best one, each "
         "batch first put in the best restart's order by a Hungarian assignment within labels "
         "(GradInversion's group consensus, Yin et al. 2021 sec. 3.4, without the joint pull); "
         "the reported loss stays the best restart's. Restarts must differ: a random init, or "
-        "Inverting Gradients' init_noise.",
+        "Inverting Gradients' init_noise (with one restart, or identical ones, it changes "
+        "nothing).",
     )
     seed: int = Field(0, description="Seed of the dummy initialisation.")
     exact_convolutions: ExactConvolutions = Field(

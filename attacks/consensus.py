@@ -27,11 +27,12 @@ def registration(
         >>> registration(a, a[[2, 0, 1]])
         [1, 2, 0]
     """
-    cost = torch.cdist(reference.flatten(1).double(), images.flatten(1).double()).pow(2)
+    ref = reference.detach().flatten(1).cpu().double()
+    cost = torch.cdist(ref, images.detach().flatten(1).cpu().double()).pow(2)
     if reference_labels is not None and labels is not None:
         differ = reference_labels.view(-1, 1).cpu() != labels.view(1, -1).cpu()
-        cost = cost.cpu() + differ.double() * (1.0 + float(cost.max()) * cost.shape[0])
-    _, cols = linear_sum_assignment(np.asarray(cost.detach().cpu().numpy(), dtype=np.float64))
+        cost = cost + differ.double() * (1.0 + float(cost.max()) * cost.shape[0])
+    _, cols = linear_sum_assignment(np.asarray(cost.numpy(), dtype=np.float64))
     return [int(c) for c in cols]
 
 

@@ -42,8 +42,8 @@ class InvertingGradientsParams(AttackParams):
         0.0,
         ge=0,
         description="Std of Gaussian noise (normalised pixel units) added to the initial dummy "
-        "of every restart after the first, then boxed, so that restarts from a fixed init "
-        "('mean', 'grey') differ; for restart_average (0: none).",
+        "of every restart after the first (then boxed, if boxed), so that restarts from a "
+        "fixed init ('mean', 'grey') differ; for restart_average (0: none).",
     )
     layer_weights: Literal["equal", "linear", "exp"] = "equal"
     layers: list[str] | None = Field(None, description="Only match these name prefixes.")
@@ -107,7 +107,7 @@ class InvertingGradients(Attack[InvertingGradientsParams]):
         setup = InversionSetup.from_observation(obs, ignore=p.ignore_layers, include=p.layers)
         x = setup.dummy(generator, p.init)
         if restart > 0 and p.init_noise > 0:
-            setup.perturb(x, generator, p.init_noise)
+            setup.perturb(x, generator, p.init_noise, p.boxed)
         plan = plan_labels(p.labels, "infer", obs, setup, generator)
         weights = layer_weights(p.layer_weights, len(setup.target), x.device)
         matched = matching(obs, setup, plan.targets)

@@ -92,12 +92,15 @@ class InversionSetup:
             raise ValueError(f"unknown init {init!r}; use 'randn', 'rand', 'grey' or 'mean'")
         return x.requires_grad_(True)
 
-    def perturb(self, x: torch.Tensor, generator: torch.Generator, std: float) -> None:
-        """Add N(0, std²) noise to the dummy ``x`` in place and clamp it to the valid box
-        (restarts from a fixed init that differ: ``init_noise``)."""
+    def perturb(
+        self, x: torch.Tensor, generator: torch.Generator, std: float, boxed: bool = True
+    ) -> None:
+        """Add N(0, std²) noise to the dummy ``x`` in place and, when ``boxed``, clamp it to the
+        valid box (restarts from a fixed init that differ: ``init_noise``)."""
         with torch.no_grad():
             x.add_(std * torch.randn(self.shape, generator=generator, device=x.device))
-            x.copy_(torch.maximum(torch.minimum(x, self.upper), self.lower))
+            if boxed:
+                x.copy_(torch.maximum(torch.minimum(x, self.upper), self.lower))
 
     def inferred_labels(self) -> torch.Tensor:
         """Labels from the last layer's update: :func:`attacks.labels.infer_labels` (``auto``:

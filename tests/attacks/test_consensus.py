@@ -8,6 +8,7 @@ import torch
 from attacks import AttackerCapabilities, get_attack
 from attacks.base import local_rng, restart_generator
 from attacks.consensus import registered_mean, registration
+from attacks.convolution import exact_convolutions
 from fl import models
 from fl.simulation import denormalize, observe_client_step
 
@@ -48,7 +49,7 @@ def test_restart_average_returns_the_registered_mean_of_noisy_restarts(
     attack = get_attack("inverting_gradients", restarts=3, restart_average=True, **params)
     rec = attack.run(obs, granted)
     seen = attack.restricted(obs, granted)
-    with local_rng(seen.device):
+    with local_rng(seen.device), exact_convolutions(attack.params.exact_convolutions):
         tries = [attack.attempt(seen, restart_generator(seen.device, 0, r), r) for r in range(3)]
     best = min(range(3), key=lambda r: tries[r].loss)
     order = [best] + [r for r in range(3) if r != best]
