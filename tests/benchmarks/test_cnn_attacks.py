@@ -70,3 +70,21 @@ def test_a_bad_param_override_exits_2_naming_it() -> None:
     done = _run("--param", "ig.foo=1")
     assert done.returncode == 2 and "'inverting_gradients': foo" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_the_averaged_method_keeps_its_own_four_restarts_unless_restarts_is_given(
+    tmp_path: Path,
+) -> None:
+    """``ig_bn_avg`` averages its own four restarts; ``--restarts`` overrides that when given."""
+    for extra, restarts in (([], 4), (["--restarts", "2"], 2)):
+        out = tmp_path / f"raw{restarts}.jsonl"
+        done = _run(
+            "--datasets", "photos", "--models", "convnet16", "--states", "untrained",
+            "--batches", "1", "--methods", "ig_bn_avg", "--iterations", "2", "--images", "1",
+            "--threads", "1", "--device", "cpu", "--json", str(out), *extra,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        records = [json.loads(line) for line in out.read_text().splitlines()]
+        (rec,) = [r for r in records if r.get("method") == "ig_bn_avg"]
+        assert rec["params"]["restarts"] == restarts and rec["params"]["restart_average"]
+        assert math.isfinite(rec["psnr_mean"])
