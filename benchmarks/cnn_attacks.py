@@ -76,31 +76,20 @@ PHOTO_CLASSES = 10
 PHOTO_POOL = 30  # every photograph crop attacks.samples has
 
 #: Method label -> (registered attack, parameters over its defaults).
+_IG = {"tv": 0.2}
+_IG_BN_PROJECT = {**_IG, "bn_prior": 0.3, "init": "mean", "bn_project": True}
+_AVERAGE_4 = {"restarts": 4, "restart_average": True}
 METHODS: dict[str, tuple[str, dict[str, object]]] = {
-    "ig": ("inverting_gradients", {"tv": 0.2}),
-    "ig_bn": ("inverting_gradients", {"tv": 0.2, "bn_prior": 0.3, "init": "mean"}),
-    "ig_bn_project": (
-        "inverting_gradients",
-        {"tv": 0.2, "bn_prior": 0.3, "init": "mean", "bn_project": True},
-    ),
-    "ig_bn_avg": (
-        "inverting_gradients",
-        {
-            "tv": 0.2,
-            "bn_prior": 0.3,
-            "init": "mean",
-            "bn_project": True,
-            "restarts": 4,
-            "init_noise": 0.25,
-            "restart_average": True,
-        },
-    ),
-    "ig_avg": ("inverting_gradients", {"tv": 0.2, "restarts": 4, "restart_average": True}),
+    "ig": ("inverting_gradients", _IG),
+    "ig_bn": ("inverting_gradients", {**_IG, "bn_prior": 0.3, "init": "mean"}),
+    "ig_bn_project": ("inverting_gradients", _IG_BN_PROJECT),
+    "ig_bn_avg": ("inverting_gradients", {**_IG_BN_PROJECT, **_AVERAGE_4, "init_noise": 0.25}),
+    "ig_avg": ("inverting_gradients", {**_IG, **_AVERAGE_4}),
     "stg": ("see_through_gradients", {}),
     "stg_project": ("see_through_gradients", {"bn_project": True, "init": "mean"}),
 }
 
-AVERAGED = ("ig_bn_avg", "ig_avg")
+AVERAGED = tuple(m for m, (_, params) in METHODS.items() if params.get("restart_average"))
 """Methods that average four restarts (four times the work): run only when named."""
 #: Model label -> (registered model, options); every one has BatchNorm.
 MODELS: dict[str, tuple[str, dict[str, object]]] = {
