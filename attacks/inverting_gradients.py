@@ -7,10 +7,11 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from attacks.base import Attack, AttackParams, Attempt, register_attack
 from attacks.batched import run_batched, victims_obstacle
+from attacks.features import feature_prior
 from attacks.label_modes import LabelMode, plan_labels
 from attacks.matching import bn_prior, matching, mean_projection, revealed_statistics
 from attacks.objectives import (
@@ -67,12 +68,28 @@ class InvertingGradientsParams(AttackParams):
         "differences) or 'relative' (each channel in units of the revealed statistics, so one "
         "weight fits every layer's and dataset's scale; an extension, docs/batchnorm.md).",
     )
+    feature_prior: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of the feature prior: the dummy's classifier input pulled toward the "
+        "features the last layer's gradient reveals (dW_c / db_c; exact at batch 1, images "
+        "with a label of their own at batch B; an extension, docs/batchnorm.md); 0: off.",
+    )
     bn_project: bool = Field(
         False,
         description="After every step, shift each input channel so that the first BatchNorm "
         "layer's channel means are those the buffers reveal (an extension, docs/batchnorm.md); "
         "requires knows_bn_stats.",
     )
+
+    @model_validator(mode="after")
+    def _feature_prior_needs_fixed_labels(self) -> InvertingGradientsParams:
+        if self.feature_prior > 0 and self.labels == "soft":
+            raise ValueError(
+                "feature_prior > 0 needs fixed labels: set labels to 'auto', 'known' or "
+                "'infer', or feature_prior to 0"
+            )
+        return self
 
 
 @register_attack("inverting_gradients")
@@ -114,16 +131,17 @@ class InvertingGradients(Attack[InvertingGradientsParams]):
         revealed = revealed_statistics(obs, self.needs_bn_stats())
         prior = bn_prior(revealed, setup, p.bn_prior, p.bn_first_multiplier, p.bn_distance)
         project = mean_projection(revealed, setup, x, p.bn_project)
+        features = feature_prior(obs, setup.model, plan.fixed, p.feature_prior)
         target_sq_norm = weighted_sq_norm(setup.target, weights)
 
         def objective() -> torch.Tensor:
-            with prior.recording():
+            with prior.recording(), features.recording():
                 loss = cosine_distance(
                     matched(x), setup.target, weights, target_sq_norm=target_sq_norm
                 )
             if p.tv > 0:
                 loss = loss + p.tv * total_variation(x)
-            return loss + prior.loss()
+            return loss + prior.loss() + features.loss()
 
         loss, steps_run, diverged = run_signed_adam(
             x,
@@ -178,6 +196,8 @@ def batching_obstacle(attack: Attack, observations: Sequence[Observation]) -> st
         return "more than one restart"
     if p.labels == "soft":
         return "optimised soft labels"
+    if p.feature_prior > 0:
+        return "a feature prior (its targets are per victim)"
     if p.bn_prior > 0 or p.bn_project:
         return "a BatchNorm prior (its statistics are recorded per victim by hooks)"
     return victims_obstacle(observations)

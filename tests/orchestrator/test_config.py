@@ -41,6 +41,14 @@ BAD = [
     ({"attacks": [{"name": "idlg", "params": {"iters": 3}}]}, "iters"),
     ({"attacks": [{"name": "see_through_gradients"}]}, "knows_bn_stats: true"),
     ({"attacks": [{"name": "inverting_gradients", "params": {"bn_prior": 0.1}}]}, "BatchNorm"),
+    (
+        {
+            "attacks": [
+                {"name": "inverting_gradients", "params": {"feature_prior": 1, "labels": "soft"}}
+            ]
+        },
+        "feature_prior > 0 needs fixed labels",
+    ),
     ({"objectives": [{"metric": "psnr", "mode": "min"}, ACCURACY]}, "known metrics"),
     ({"objectives": [{"metric": "test_accuracy", "mode": "up"}, PSNR]}, "objectives.0.mode"),
     ({"search.sampler": "grid"}, "search.sampler"),

@@ -35,14 +35,21 @@ def test_trial_command_prints_json_metrics(tiny_study, capsys) -> None:
 
 def test_the_batchnorm_and_analytic_attacks_run_in_a_study(tiny_study, capsys) -> None:
     """A study file can use every new attack: on a BatchNorm ConvNet, GradInversion and
-    Inverting Gradients with its BatchNorm prior (statistics granted); on the MLP, analytic."""
+    Inverting Gradients with its BatchNorm and feature priors (statistics granted); on the MLP,
+    analytic."""
     granted = {"knows_bn_stats": True}
     bn_attacks = [
         {"name": "see_through_gradients", "params": {"iterations": 3}, "capabilities": granted},
         {
             "name": "inverting_gradients",
             "label": "ig_bn",
-            "params": {"iterations": 3, "bn_prior": 0.1, "bn_project": True, "init": "mean"},
+            "params": {
+                "iterations": 3,
+                "bn_prior": 0.1,
+                "bn_project": True,
+                "init": "mean",
+                "feature_prior": 1.0,
+            },
             "capabilities": granted,
         },
     ]
