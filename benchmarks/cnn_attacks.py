@@ -17,15 +17,16 @@ minus that of the group's "ig" row, which runs first). The "flat" row is that fl
 (gain 0). A summary line per group follows the table.
 
 Methods are the ``METHODS`` registry below (label -> registered attack, parameters); every
-method gets ``--iterations`` and, when given, ``--restarts`` (``ig_bn_avg`` and ``ig_avg`` average
+method gets ``--iterations`` and, when given, ``--restarts`` (the ``*_avg`` methods average
 4 restarts of their own and run only when named); ``--param ig.tv=0.1`` overrides one parameter
 (value parsed as JSON or a Python literal). The attacker knows the BatchNorm statistics (the
 returned buffers) and, with ``--labels known``, the labels.
 
     python benchmarks/cnn_attacks.py [--datasets retinamnist pneumoniamnist photos]
         [--models convnet16 convnet32 resnet18] [--states untrained fedavg5] [--batches 1 4]
-        [--methods ig ig_bn ig_bn_project ig_bn_avg ig_avg stg] [--param ig_bn.bn_prior=0.1]
-        [--iterations 1500] [--restarts N] [--images 4] [--labels known|infer]
+        [--methods ig ig_bn ig_bn_project ig_bn_feat ig_feat stg ig_bn_avg ...]
+        [--param ig_bn.bn_prior=0.1] [--iterations 1500] [--restarts N] [--images 4]
+        [--labels known|infer]
         [--algorithm fedsgd|fedavg] [--lr 0.01] [--local-steps 1] [--train KEY=VALUE] [--seed 0]
         [--data-root ../shared/data] [--cache ~/.cache/obscura/cnn_attacks]
         [--json results.jsonl] [--grid FOLDER] [--threads N] [--device auto]
@@ -78,13 +79,17 @@ PHOTO_POOL = 30  # every photograph crop attacks.samples has
 #: Method label -> (registered attack, parameters over its defaults).
 _IG = {"tv": 0.2}
 _IG_BN_PROJECT = {**_IG, "bn_prior": 0.3, "init": "mean", "bn_project": True}
-_AVERAGE_4 = {"restarts": 4, "restart_average": True}
+_IG_BN_FEAT = {**_IG_BN_PROJECT, "feature_prior": 1.0}
+_AVERAGE_4 = {"restarts": 4, "restart_average": True, "init_noise": 0.25}
 METHODS: dict[str, tuple[str, dict[str, object]]] = {
     "ig": ("inverting_gradients", _IG),
     "ig_bn": ("inverting_gradients", {**_IG, "bn_prior": 0.3, "init": "mean"}),
     "ig_bn_project": ("inverting_gradients", _IG_BN_PROJECT),
-    "ig_bn_avg": ("inverting_gradients", {**_IG_BN_PROJECT, **_AVERAGE_4, "init_noise": 0.25}),
-    "ig_avg": ("inverting_gradients", {**_IG, **_AVERAGE_4}),
+    "ig_bn_avg": ("inverting_gradients", {**_IG_BN_PROJECT, **_AVERAGE_4}),
+    "ig_avg": ("inverting_gradients", {**_IG, **_AVERAGE_4, "init_noise": 0.0}),
+    "ig_feat": ("inverting_gradients", {**_IG, "feature_prior": 1.0}),
+    "ig_bn_feat": ("inverting_gradients", _IG_BN_FEAT),
+    "ig_bn_feat_avg": ("inverting_gradients", {**_IG_BN_FEAT, **_AVERAGE_4}),
     "stg": ("see_through_gradients", {}),
     "stg_project": ("see_through_gradients", {"bn_project": True, "init": "mean"}),
 }
