@@ -35,6 +35,18 @@ uses one protocol for every attack and defense:
    mean (the training set's per-channel mean in [0, 1]), or :data:`FLAT_VALUE` (0.5) when the
    observation does not normalise (see :func:`flat_value`). A gain of 0 dB means the attack did
    no better than painting the dataset mean; a perfect reconstruction gains ``100 - flat PSNR``.
+7. The prior baseline, the headline: a flat image is a weak "no information" guess (on chest
+   X-rays the population's *mean image* beats it by 3 dB without any client). With a
+   :class:`~attacks.population.Reference` (images of the population disjoint from the victims),
+   every image also gets ``prior_psnr`` / ``prior_ssim`` (the reference's per-pixel mean image
+   against the true image) and ``prior_gain`` = PSNR minus ``prior_psnr``; without one the prior
+   is the flat image (``prior`` says which: ``"mean_image"`` or ``"flat"``). A reconstruction
+   that is the population mean gains 0 dB over the prior.
+8. Identification (Yin et al., CVPR 2021, "image identifiability precision"): with a reference,
+   ``id_rank`` is the rank of the true image among the batch's true images and the reference
+   pool by pixel distance (mean squared difference) to its matched reconstruction;
+   ``identified`` means rank 1. ``id_rank_lpips`` ranks by LPIPS when it is available. The batch
+   summary gives ``identification_rate`` (and ``identification_rate_lpips``).
 """
 
 from __future__ import annotations
@@ -51,12 +63,14 @@ from scipy.optimize import linear_sum_assignment
 from skimage.metrics import structural_similarity
 
 from attacks.lpips_net import LpipsUnavailable, lpips_matrix
+from attacks.population import Reference, identification_ranks, pixel_ranks
 
 __all__ = [
     "DEFAULT_SUCCESS_PSNR",
     "FLAT_VALUE",
     "PSNR_CAP",
     "SSIM_WIN_SIZE",
+    "Reference",
     "flat_image_psnr",
     "flat_value",
     "match",
@@ -348,6 +362,7 @@ def score_images(
     device: str | torch.device = "cpu",
     lpips_backbone: str | os.PathLike[str] | None = None,
     flat: FlatValue = FLAT_VALUE,
+    reference: Reference | None = None,
 ) -> dict[str, Any]:
     """Score a batch of reconstructions against ground truth with the Obscura protocol.
 
@@ -355,39 +370,53 @@ def score_images(
     tensors or None. ``lpips=False`` skips LPIPS (then the assignment uses MSE); ``device`` is
     where the LPIPS network runs, ``lpips_backbone`` its AlexNet backbone file (None: as
     :func:`attacks.lpips_net.configure` resolves it); ``flat`` the value of the flat baseline
-    image ``psnr_gain`` is measured against (see :func:`flat_value`). Returns a dict with
+    image ``psnr_gain`` is measured against (see :func:`flat_value`); ``reference`` the
+    population the victims come from (:class:`~attacks.population.Reference`, disjoint from
+    them): the prior baseline and identification (points 7 and 8 of the module docstring).
+    Returns a dict with
 
     * ``n_images``, ``assignment_cost`` (``"lpips"``/``"mse"``), ``assignment`` (list[int],
       assignment[i] = reconstruction matched to true image i);
-    * ``psnr_mean, psnr_median, psnr_max, psnr_min, psnr_gain_mean, psnr_gain_median,
-      psnr_gain_max, psnr_gain_min, ssim_mean, ssim_median, ssim_max, lpips_mean, lpips_median,
-      lpips_min`` (floats; LPIPS ones None without LPIPS);
+    * ``psnr_mean, psnr_median, psnr_max, psnr_min, psnr_gain_*, prior_gain_mean,
+      prior_gain_median, prior_gain_max, prior_gain_min, ssim_mean, ssim_median, ssim_max,
+      lpips_mean, lpips_median, lpips_min`` (floats; LPIPS ones None without LPIPS);
     * ``flat_value`` (list of per-channel floats used), ``flat_psnr_mean`` (the flat image's mean
-      PSNR over the batch);
+      PSNR over the batch); ``prior`` (``"mean_image"`` with a reference, else ``"flat"``),
+      ``prior_psnr_mean``, ``prior_ssim_mean``;
+    * ``identification_rate`` and ``identification_rate_lpips`` (None without a reference, the
+      LPIPS one also without LPIPS), ``identification_pool`` (candidates per image: the batch
+      plus the pool; None without a reference);
     * ``label_accuracy`` (float, or None when either side has no labels), ``success_rate``
       (fraction with PSNR >= ``success_psnr``), ``success_psnr`` (the threshold used);
     * ``lpips_status`` (``"ok"``, or why LPIPS is None), ``rec_nonfinite_pixels`` (replaced
       non-finite reconstruction values);
-    * ``per_image``: list of ``{"index", "psnr", "psnr_gain", "ssim", "lpips", "label_correct"}``
-      in ground-truth order (``label_correct`` None without labels).
+    * ``per_image``: list of ``{"index", "psnr", "psnr_gain", "prior_psnr", "prior_ssim",
+      "prior_gain", "ssim", "lpips", "id_rank", "id_rank_lpips", "identified",
+      "label_correct"}`` in ground-truth order (None where not measured).
 
     No value is ever NaN or inf.
 
     Raises:
         ValueError: shapes differ or are not (B, C, H, W), non-finite ground truth or
-            ``success_psnr`` or ``flat``, labels of the wrong length or dtype.
+            ``success_psnr`` or ``flat``, labels of the wrong length or dtype, a reference of
+            another image shape.
 
     Example:
         >>> truth, grey = torch.zeros(1, 1, 8, 8), torch.full((1, 1, 8, 8), 0.5)
         >>> s = score_images(grey, truth, lpips=False)  # the flat image itself: no gain
-        >>> round(s["psnr_max"], 2), s["psnr_gain_max"], s["flat_value"]
-        (6.02, 0.0, [0.5])
+        >>> round(s["psnr_max"], 2), s["psnr_gain_max"], s["flat_value"], s["prior"]
+        (6.02, 0.0, [0.5], 'flat')
     """
     rec, nonfinite = _reconstruction_batch(rec_images)
     truth = _truth_batch(true_images)
     _check_same_shape(rec, truth)
     n = truth.shape[0]
     channels = _flat_channels(flat, truth.shape[1])
+    if reference is not None and tuple(reference.mean_image.shape) != tuple(truth.shape[1:]):
+        raise ValueError(
+            f"reference images are {tuple(reference.mean_image.shape)}, the true images "
+            f"{tuple(truth.shape[1:])}: the reference must come from the same population"
+        )
     rec_lab = _labels(rec_labels, n, "rec_labels")
     true_lab = _labels(true_labels, n, "true_labels")
     if not math.isfinite(success_psnr):
@@ -397,31 +426,41 @@ def score_images(
     assignment_cost: CostName = "mse" if lpips_dist is None else "lpips"
     assignment = _hungarian(_mse_matrix(truth, rec) if lpips_dist is None else lpips_dist)
 
-    values = _image_metrics(truth, rec[assignment], channels, lpips_dist, assignment)
+    ordered = rec[assignment]
+    values = _image_metrics(truth, ordered, channels, lpips_dist, assignment, reference)
+    ids = _identification(truth, ordered, reference, lpips_dist is not None, device, lpips_backbone)
     correct = _label_correct(rec_lab, true_lab, assignment)
     psnrs = values.psnr
     return {
         "n_images": n,
         "assignment_cost": assignment_cost,
         "assignment": assignment,
-        **_summaries(psnrs, values.psnr_gain, values.ssim, values.lpips),
+        **_summaries(psnrs, values.psnr_gain, values.prior_gain, values.ssim, values.lpips),
         "flat_value": [float(v) for v in channels],
         "flat_psnr_mean": float(np.mean(values.flat_psnr)),
+        "prior": "flat" if reference is None else "mean_image",
+        "prior_psnr_mean": float(np.mean(values.prior_psnr)),
+        "prior_ssim_mean": float(np.mean(values.prior_ssim)),
+        **ids.summary(),
         "label_accuracy": None if correct is None else float(np.mean(correct)),
         "success_rate": float(np.mean([p >= success_psnr for p in psnrs])),
         "success_psnr": float(success_psnr),
         "lpips_status": lpips_status,
         "rec_nonfinite_pixels": nonfinite,
-        "per_image": _per_image(values, correct),
+        "per_image": _per_image(values, ids, correct),
     }
 
 
 class _ImageMetrics(NamedTuple):
-    """Per true image, the metrics of its matched reconstruction (ground-truth order)."""
+    """Per true image, the metrics of its matched reconstruction (ground-truth order) and of the
+    baselines (flat image, prior image)."""
 
     psnr: list[float]
     flat_psnr: list[float]
     psnr_gain: list[float]
+    prior_psnr: list[float]
+    prior_ssim: list[float]
+    prior_gain: list[float]
     ssim: list[float]
     lpips: list[float] | None
 
@@ -432,33 +471,92 @@ def _image_metrics(
     channels: np.ndarray,
     lpips_dist: np.ndarray | None,
     assignment: list[int],
+    reference: Reference | None,
 ) -> _ImageMetrics:
-    """PSNR, the flat baseline's PSNR, PSNR gain, SSIM and LPIPS (None without LPIPS) of each
-    true image and its matched reconstruction (``ordered`` = reconstructions reordered)."""
+    """PSNR, SSIM and LPIPS (None without LPIPS) of each true image and its matched
+    reconstruction (``ordered`` = reconstructions reordered), the flat image's PSNR and the
+    prior image's PSNR and SSIM (the reference's mean image, or the flat image without one)."""
     n = truth.shape[0]
     truth_np = truth.permute(0, 2, 3, 1).numpy()
     rec_np = ordered.permute(0, 2, 3, 1).numpy()
+    if reference is None:
+        prior = np.broadcast_to(channels, truth_np.shape[1:])
+    else:
+        prior = reference.mean_image.to(torch.float64).permute(1, 2, 0).numpy()
     psnrs = [_psnr_np(rec_np[i], truth_np[i]) for i in range(n)]
     flat_psnrs = _flat_psnrs(truth, channels)
+    prior_psnrs = [_psnr_np(prior, truth_np[i]) for i in range(n)]
     lpipss = None if lpips_dist is None else [float(lpips_dist[i, assignment[i]]) for i in range(n)]
     return _ImageMetrics(
         psnr=psnrs,
         flat_psnr=flat_psnrs,
         psnr_gain=[p - f for p, f in zip(psnrs, flat_psnrs, strict=True)],
+        prior_psnr=prior_psnrs,
+        prior_ssim=[_ssim_np(np.ascontiguousarray(prior), truth_np[i]) for i in range(n)],
+        prior_gain=[p - f for p, f in zip(psnrs, prior_psnrs, strict=True)],
         ssim=[_ssim_np(rec_np[i], truth_np[i]) for i in range(n)],
         lpips=lpipss,
     )
 
 
-def _per_image(values: _ImageMetrics, correct: list[bool] | None) -> list[dict[str, Any]]:
+class _Identification(NamedTuple):
+    """Per true image, its rank among the candidates (pixel space, LPIPS); None: not measured."""
+
+    pixel: list[int] | None
+    lpips: list[int] | None
+    candidates: int | None
+
+    def summary(self) -> dict[str, float | int | None]:
+        """The batch's identification rates (share of rank 1) and candidates per image."""
+
+        def rate(ranks: list[int] | None) -> float | None:
+            return None if ranks is None else float(np.mean([r == 1 for r in ranks]))
+
+        return {
+            "identification_rate": rate(self.pixel),
+            "identification_rate_lpips": rate(self.lpips),
+            "identification_pool": self.candidates,
+        }
+
+
+def _identification(
+    truth: torch.Tensor,
+    ordered: torch.Tensor,
+    reference: Reference | None,
+    with_lpips: bool,
+    device: str | torch.device,
+    backbone: str | os.PathLike[str] | None,
+) -> _Identification:
+    """Identification ranks of each true image by its matched reconstruction against the
+    batch's true images and the reference pool, in pixel space and (``with_lpips``) in LPIPS."""
+    if reference is None:
+        return _Identification(None, None, None)
+    pixel = pixel_ranks(ordered, truth, reference)
+    candidates = truth.shape[0] + int(reference.pool.shape[0])
+    if not with_lpips:
+        return _Identification(pixel, None, candidates)
+    pool = torch.cat([truth, reference.pool.to(torch.float64)])
+    dist = lpips_matrix(ordered, pool, device=device, backbone=backbone)
+    return _Identification(pixel, identification_ranks(ordered, truth, dist), candidates)
+
+
+def _per_image(
+    values: _ImageMetrics, ids: _Identification, correct: list[bool] | None
+) -> list[dict[str, Any]]:
     """The ``per_image`` records of :func:`score_images` in ground-truth order."""
     return [
         {
             "index": i,
             "psnr": values.psnr[i],
             "psnr_gain": values.psnr_gain[i],
+            "prior_psnr": values.prior_psnr[i],
+            "prior_ssim": values.prior_ssim[i],
+            "prior_gain": values.prior_gain[i],
             "ssim": values.ssim[i],
             "lpips": None if values.lpips is None else values.lpips[i],
+            "id_rank": None if ids.pixel is None else ids.pixel[i],
+            "id_rank_lpips": None if ids.lpips is None else ids.lpips[i],
+            "identified": None if ids.pixel is None else ids.pixel[i] == 1,
             "label_correct": None if correct is None else correct[i],
         }
         for i in range(len(values.psnr))
@@ -492,13 +590,18 @@ def _lpips_distances(
 
 
 def _summaries(
-    psnrs: list[float], gains: list[float], ssims: list[float], lpipss: list[float] | None
+    psnrs: list[float],
+    gains: list[float],
+    prior_gains: list[float],
+    ssims: list[float],
+    lpipss: list[float] | None,
 ) -> dict[str, float | None]:
-    """Per-batch mean, median and worst case (max PSNR, PSNR gain and SSIM, min LPIPS), and the
-    minimum PSNR and PSNR gain."""
+    """Per-batch mean, median and worst case (max PSNR, PSNR gains and SSIM, min LPIPS), and the
+    minimum PSNR and PSNR gains."""
     names = {
         "psnr": (psnrs, ("mean", "median", "max", "min")),
         "psnr_gain": (gains, ("mean", "median", "max", "min")),
+        "prior_gain": (prior_gains, ("mean", "median", "max", "min")),
         "ssim": (ssims, ("mean", "median", "max")),
         "lpips": (lpipss, ("mean", "median", "min")),
     }
@@ -521,6 +624,7 @@ def score(
     lpips: bool = True,
     device: str | torch.device = "cpu",
     lpips_backbone: str | os.PathLike[str] | None = None,
+    reference: Reference | None = None,
 ) -> dict[str, Any]:
     """Score an attack's reconstruction against the client's batch (see :func:`score_images`).
 
@@ -528,7 +632,8 @@ def score(
     and ``.labels`` ((B,) long tensor, or None / absent when the attack recovered no labels).
     ``psnr_gain`` is measured against a flat image at ``rec.flat_value`` (a
     :class:`~attacks.reconstruction.Reconstruction` carries the observation's normalisation
-    mean there), or at :data:`FLAT_VALUE` when ``rec`` has no such attribute.
+    mean there), or at :data:`FLAT_VALUE` when ``rec`` has no such attribute; ``prior_gain`` and
+    identification against ``reference`` (the flat image and no identification without one).
 
     Raises:
         TypeError: ``rec`` or ``truth`` has no ``.images``.
@@ -551,4 +656,5 @@ def score(
         device=device,
         lpips_backbone=lpips_backbone,
         flat=getattr(rec, "flat_value", FLAT_VALUE),
+        reference=reference,
     )

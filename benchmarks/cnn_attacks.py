@@ -12,9 +12,14 @@ observed in train mode (the FedSGD gradient, or ``--algorithm fedavg``: the weig
 mean/std (photos: their own), each method reconstructs it, and the canonical metric protocol
 (``attacks.metrics.score``) scores it. Per row: the mean over ``--images`` victims (batch B:
 that many batches of B different images) of PSNR, PSNR gain over the flat image at the
-normalisation mean, SSIM, LPIPS, label accuracy, the median seconds, and ``vs ig`` (mean PSNR
-minus that of the group's "ig" row, which runs first). The "flat" row is that flat image itself
-(gain 0). A summary line per group follows the table.
+normalisation mean, PSNR gain over the population's mean image ("over mean": the per-pixel mean
+of the training split, disjoint from the test-split victims; for the photographs, of the crops
+that are not victims), SSIM, LPIPS, the share of victims identified (the victim is the nearest
+of the batch and the reference pool to its reconstruction: pixel distance, then LPIPS), label
+accuracy, the median seconds, and ``vs ig`` (mean PSNR minus that of the group's "ig" row, which
+runs first). The "flat" row is that flat image itself (gain 0), the "mean image" row the
+population's mean image (gain over mean 0): what is known without any client. A summary line
+per group follows the table.
 
 Methods are the ``METHODS`` registry below (label -> registered attack, parameters); every
 method gets ``--iterations`` and, when given, ``--restarts`` (the ``*_avg`` methods average
@@ -60,6 +65,7 @@ import torch
 from attacks import AttackConfigError, AttackerCapabilities, get_attack
 from attacks.metrics import flat_value, score, score_images
 from attacks.plots import save_pair_grid
+from attacks.population import Reference
 from attacks.samples import sample_images
 from fl import data, models
 from fl.simulation import (
@@ -136,6 +142,7 @@ class Source:
     train: data.ImageData | None = None
     test: data.ImageData | None = None
     indices: list[int] = field(default_factory=list)
+    reference: Reference | None = None
 
     @property
     def channels(self) -> int:
@@ -164,8 +171,20 @@ def load_source(name: str, root: Path, count: int, seed: int) -> Source:
         idx = torch.randperm(PHOTO_POOL, generator=g)[:count]
         mean = tuple(float(v) for v in pool.mean(dim=(0, 2, 3)))
         std = tuple(float(v) for v in pool.std(dim=(0, 2, 3)))
+        others = torch.ones(PHOTO_POOL, dtype=torch.bool)
+        others[idx] = False
+        reference = Reference.from_images(pool[others]) if others.any() else None
         return Source(
-            name, pool[idx], labels[idx], PHOTO_CLASSES, mean, std, None, None, idx.tolist()
+            name,
+            pool[idx],
+            labels[idx],
+            PHOTO_CLASSES,
+            mean,
+            std,
+            None,
+            None,
+            idx.tolist(),
+            reference,
         )
     train = data.load(registered, root=root, split="train", image_size=SIZE)
     test = data.load(registered, root=root, split="test", image_size=SIZE)
@@ -180,6 +199,7 @@ def load_source(name: str, root: Path, count: int, seed: int) -> Source:
         train,
         test,
         idx.tolist(),
+        Reference.from_images(train.images, seed=seed),
     )
 
 
@@ -329,8 +349,8 @@ class Writer:
 
 
 HEADER = (
-    "| dataset | model | state | B | method | PSNR dB | gain dB | SSIM | LPIPS | label acc "
-    "| seconds | vs ig dB |"
+    "| dataset | model | state | B | method | PSNR dB | gain dB | over mean dB | SSIM | LPIPS "
+    "| identified | id LPIPS | label acc | seconds | vs ig dB |"
 )
 
 
@@ -349,6 +369,14 @@ def _mean(values: Sequence[float | None]) -> float | None:
     return None if not values or any(v is None for v in values) else statistics.fmean(values)  # type: ignore[arg-type]
 
 
+def _identified(rows: list[dict[str, Any]], key: str) -> str:
+    """``k/n``: how many of the rows' images were identified (rank 1 by ``key``), or n/a."""
+    ranks = [i[key] for r in rows for i in r["per_image"]]
+    if not ranks or any(v is None for v in ranks):
+        return "n/a"
+    return f"{sum(v == 1 for v in ranks)}/{len(ranks)}"
+
+
 def print_row(group: Group, method: str, rows: list[dict[str, Any]], ig: float | None) -> float:
     """Print one table row averaged over the victims' records; return its mean PSNR."""
     psnr = statistics.fmean(r["psnr_mean"] for r in rows)
@@ -356,8 +384,10 @@ def print_row(group: Group, method: str, rows: list[dict[str, Any]], ig: float |
     print(
         group.cells()
         + f"| {method} | {psnr:.2f} | {_fmt(_mean([r['psnr_gain_mean'] for r in rows]), 2)} "
+        f"| {_fmt(_mean([r['prior_gain_mean'] for r in rows]), 2)} "
         f"| {_fmt(_mean([r['ssim_mean'] for r in rows]), 3)} "
         f"| {_fmt(_mean([r['lpips_mean'] for r in rows]), 3)} "
+        f"| {_identified(rows, 'id_rank')} | {_identified(rows, 'id_rank_lpips')} "
         f"| {_fmt(_mean([r['label_accuracy'] for r in rows]), 2)} "
         f"| {statistics.median(r['seconds'] for r in rows):.1f} | {vs} |"
         + (" diverged" if any(r.get("diverged") for r in rows) else ""),
@@ -437,21 +467,36 @@ class Bench:
         return row
 
 
-def flat_rows(bench: Bench, group: Group, victims: list, source: Source) -> list[dict[str, Any]]:
-    """Scores of the flat image at the normalisation mean, one record per victim."""
+def baseline_rows(
+    bench: Bench, group: Group, victims: list, source: Source, kind: str
+) -> list[dict[str, Any]]:
+    """Scores of a guess that needs no client, one record per victim: ``kind`` "flat" (the flat
+    image at the normalisation mean) or "mean image" (the reference's per-pixel mean)."""
     rows = []
     value = flat_value(source.mean, source.std)
     for i, (_, truth, idx) in enumerate(victims):
-        flat = torch.tensor(value).view(1, -1, 1, 1).expand_as(truth.images).clone()
+        if kind == "flat":
+            image = torch.tensor(value).view(1, -1, 1, 1)
+        else:
+            assert source.reference is not None
+            image = source.reference.mean_image.unsqueeze(0)
+        guess = image.to(truth.images).expand_as(truth.images).clone()
         s = score_images(
-            flat, truth.images, flat=value, device=bench.device, lpips_backbone=bench.lpips_backbone
+            guess,
+            truth.images,
+            flat=value,
+            device=bench.device,
+            lpips_backbone=bench.lpips_backbone,
+            reference=source.reference,
         )
         s.update(label_accuracy=None, seconds=0.0)
-        rows.append(bench.record(group, "flat", i, idx, _keep(s)))
+        rows.append(bench.record(group, kind, i, idx, _keep(s)))
     return rows
 
 
-def method_rows(bench: Bench, group: Group, method: str, victims: list) -> list[dict[str, Any]]:
+def method_rows(
+    bench: Bench, group: Group, method: str, victims: list, source: Source
+) -> list[dict[str, Any]]:
     """Run ``method`` on every victim of the group and score it, one record per victim (and,
     with ``--grid``, one picture of the group's truths above their reconstructions)."""
     attack_name, params = bench.params(method)
@@ -460,7 +505,13 @@ def method_rows(bench: Bench, group: Group, method: str, victims: list) -> list[
     for i, (obs, truth, idx) in enumerate(victims):
         attack = get_attack(attack_name, **params)
         rec = attack.run(obs, bench.capabilities)
-        s = score(rec, truth, device=bench.device, lpips_backbone=bench.lpips_backbone)
+        s = score(
+            rec,
+            truth,
+            device=bench.device,
+            lpips_backbone=bench.lpips_backbone,
+            reference=source.reference,
+        )
         order = torch.as_tensor(s["assignment"], dtype=torch.long)
         shown.append((truth.images, rec.images[order], [r["psnr"] for r in s["per_image"]]))
         s.update(
@@ -503,12 +554,14 @@ def run_group(
 ) -> dict[str, float]:
     """Print the group's flat row and one row per method; return PSNR gains over "ig"."""
     victims = bench.observe(model, source, group)
-    print_row(group, "flat", flat_rows(bench, group, victims, source), None)
+    for kind in ("flat", "mean image") if source.reference is not None else ("flat",):
+        print_row(group, kind, baseline_rows(bench, group, victims, source, kind), None)
     order = sorted(bench.args.methods, key=lambda m: m != "ig")  # "ig" first: others vs it
     ig: float | None = None
     psnr: dict[str, float] = {}
     for method in order:
-        psnr[method] = print_row(group, method, method_rows(bench, group, method, victims), ig)
+        rows = method_rows(bench, group, method, victims, source)
+        psnr[method] = print_row(group, method, rows, ig)
         if method == "ig":
             ig = psnr[method]
     return {m: v - ig for m, v in psnr.items() if ig is not None and m != "ig"}

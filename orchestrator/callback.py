@@ -23,7 +23,7 @@ from orchestrator.privacy import purge_private, redact_tensors
 from orchestrator.results import StudyIOError
 from orchestrator.search_space import defense_params, trial_params
 from orchestrator.tracking import TrackingError
-from orchestrator.validity import check_validity, validity_line
+from orchestrator.validity import check_study, validity_line
 from orchestrator.values import finite_or_none
 
 if TYPE_CHECKING:
@@ -179,8 +179,7 @@ class StudyCallback(tune.Callback):
         )
         print(f"[obscura] trial {row['number']} ({defense}) completed: {shown}", flush=True)
         if defense == CONTROL:  # the study's validity is known as soon as its control is
-            v = self.config.validity
-            verdict = check_validity(self.store.trials(), v.min_gain_db, v.min_ssim)
+            verdict = check_study(self.store.trials(), self.config.validity)
             print(validity_line(verdict), flush=True)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

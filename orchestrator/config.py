@@ -272,8 +272,20 @@ class ValiditySection(BaseModel):
         3.0,
         ge=0,
         allow_inf_nan=False,
-        description="Least PSNR gain over a flat image (dB, attack_psnr_gain_max) the control's "
-        "strongest attack must reach; below it the study warns that its attacks are too weak.",
+        description="Least PSNR gain over the population mean image (dB, "
+        "attack_prior_gain_max) the control's strongest attack must reach on its best image, "
+        "unless it identifies min_identified of its victims; below both the study warns that its "
+        "attacks are too weak.",
+    )
+    min_identified: float = Field(
+        0.25,
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
+        description="Least share of the control's attacked images (attack_identification_rate) "
+        "whose victim its strongest attack picks out of the reference pool; enough on its own "
+        "for the control to pass. 0.25 is 64 times the chance rate of a 256-image pool and "
+        "leaves a defense room to lower it.",
     )
     min_ssim: float | None = Field(
         None,
@@ -310,6 +322,13 @@ class StudyConfig(BaseModel):
     device: str = "auto"
     success_psnr: float = Field(
         20.0, ge=0, le=200, description="PSNR (dB, 0-200) above which an attack succeeds."
+    )
+    identification_pool: int = Field(
+        1024,
+        ge=1,
+        le=100_000,
+        description="Most images of the evaluation split kept as the identification pool (all "
+        "when the split is smaller); fewer than 256 make identification easy and are warned of.",
     )
     lpips_backbone: Path | None = Field(
         None,

@@ -6,12 +6,15 @@ Names used in ``objectives``, Parquet columns and MLflow:
   ``test_loss``, and ``accuracy_drop`` (the control's accuracy minus the trial's, filled in once
   the ``none`` control has completed; not usable as a search objective);
 - privacy per attack (``<attack>`` is the attack's ``label`` or name): ``<attack>_psnr_mean``,
-  ``_psnr_max``, ``_psnr_gain_mean``, ``_psnr_gain_max`` (PSNR minus the PSNR of a flat image
-  at the dataset mean, see :mod:`attacks.metrics`), ``_ssim_mean``, ``_ssim_max``,
-  ``_lpips_mean``, ``_lpips_min``, ``_label_accuracy``, ``_success_rate``; and the same names with
-  the prefix ``attack_`` for the worst case over attacks (the maximum of PSNR, PSNR gain, SSIM,
-  label accuracy and success rate, the minimum of LPIPS), computed over every image of every
-  attacked round and victim;
+  ``_psnr_max``, ``_prior_gain_mean``, ``_prior_gain_max`` (the headline: PSNR minus the PSNR of
+  the population's mean image, what is known without any client; see :mod:`attacks.metrics`),
+  ``_identification_rate`` (share of images whose victim is the reconstruction's nearest
+  neighbour among the reference pool, pixel space) and ``_identification_rate_lpips`` (LPIPS),
+  ``_psnr_gain_mean``, ``_psnr_gain_max`` (PSNR minus the PSNR of a flat image at the dataset
+  mean: a weak baseline, kept for comparison), ``_ssim_mean``, ``_ssim_max``, ``_lpips_mean``,
+  ``_lpips_min``, ``_label_accuracy``, ``_success_rate``; and the same names with the prefix
+  ``attack_`` for the worst case over attacks (the maximum of all but LPIPS, the minimum of
+  LPIPS), computed over every image of every attacked round and victim;
 - ``epsilon`` (DP-SGD); cost: ``seconds_train``, ``seconds_attack`` (attacks with their
   scoring), ``<attack>_seconds`` (each attack's part of it, its scoring included),
   ``seconds_metrics`` (the scoring alone: PSNR, SSIM, LPIPS), ``peak_memory_mb``.
@@ -30,6 +33,10 @@ DERIVED = ("accuracy_drop",)
 PRIVACY = (
     "psnr_mean",
     "psnr_max",
+    "prior_gain_mean",
+    "prior_gain_max",
+    "identification_rate",
+    "identification_rate_lpips",
     "psnr_gain_mean",
     "psnr_gain_max",
     "ssim_mean",
@@ -43,6 +50,10 @@ PRIVACY = (
 WORST: dict[str, Literal["max", "min"]] = {
     "psnr_mean": "max",
     "psnr_max": "max",
+    "prior_gain_mean": "max",
+    "prior_gain_max": "max",
+    "identification_rate": "max",
+    "identification_rate_lpips": "max",
     "psnr_gain_mean": "max",
     "psnr_gain_max": "max",
     "ssim_mean": "max",
@@ -123,8 +134,9 @@ def attack_summary(
     """Per-attack statistics over every attacked image (all rounds and victims).
 
     ``images`` are per-image records (:func:`attacks.metrics.score`'s ``per_image`` or
-    ``attacks.parquet`` rows); the PSNR-gain statistics skip images without ``psnr_gain``
-    (None when none has one). Returns one value (or None) per name of :data:`PRIVACY`.
+    ``attacks.parquet`` rows); a statistic skips images without its value (``psnr_gain``,
+    ``prior_gain``, ``identified``, ``id_rank_lpips``: None when none has one). Returns one value
+    (or None) per name of :data:`PRIVACY`.
 
     Example:
         >>> attack_summary([{"psnr": 22.0, "psnr_gain": 9.5, "ssim": 0.5}], 20.0)["psnr_gain_max"]
@@ -134,13 +146,20 @@ def attack_summary(
     if not rows:
         return {p: None for p in PRIVACY}
     psnr = [r["psnr"] for r in rows]
-    gain = [r["psnr_gain"] for r in rows if r.get("psnr_gain") is not None]
+    gain = _present(rows, "psnr_gain")
+    prior = _present(rows, "prior_gain")
     ssim = [r["ssim"] for r in rows]
-    lpips = [r["lpips"] for r in rows if r.get("lpips") is not None]
+    lpips = _present(rows, "lpips")
     labels = [bool(r["label_correct"]) for r in rows if r.get("label_correct") is not None]
+    identified = [bool(v) for v in _present(rows, "identified")]
+    identified_lpips = [v == 1 for v in _present(rows, "id_rank_lpips")]
     return {
         "psnr_mean": finite_or_none(sum(psnr) / len(psnr)),
         "psnr_max": finite_or_none(max(psnr)),
+        "prior_gain_mean": finite_or_none(sum(prior) / len(prior)) if prior else None,
+        "prior_gain_max": finite_or_none(max(prior)) if prior else None,
+        "identification_rate": _share(identified),
+        "identification_rate_lpips": _share(identified_lpips),
         "psnr_gain_mean": finite_or_none(sum(gain) / len(gain)) if gain else None,
         "psnr_gain_max": finite_or_none(max(gain)) if gain else None,
         "ssim_mean": finite_or_none(sum(ssim) / len(ssim)),
@@ -150,6 +169,16 @@ def attack_summary(
         "label_accuracy": (sum(labels) / len(labels)) if labels else None,
         "success_rate": sum(p >= success_psnr for p in psnr) / len(psnr),
     }
+
+
+def _present(rows: list[dict[str, Any]], key: str) -> list[Any]:
+    """The rows' values of ``key`` that are present (not missing, not None)."""
+    return [r[key] for r in rows if r.get(key) is not None]
+
+
+def _share(flags: list[bool]) -> float | None:
+    """The share of True among ``flags``, None without any."""
+    return sum(flags) / len(flags) if flags else None
 
 
 def worst_case(per_attack: dict[str, dict[str, float | None]]) -> dict[str, float | None]:

@@ -82,8 +82,9 @@ def pareto_plot(
     those two. Rows whose ``status_col`` is not ``"completed"`` are left out
     (``status_col=None``: all rows), as are rows with a NaN in either objective (their count is
     noted on the plot). Trials whose defense is ``control`` are drawn as black stars and
-    annotated. ``baseline``: the privacy value of a flat image ("no information", e.g. its
-    PSNR), drawn as a dashed line the axis always includes. Without any plottable trial the
+    annotated. ``baseline``: the privacy value of the population's mean image (what is known
+    without any client, :func:`orchestrator.validity.prior_baseline`; e.g. its PSNR), drawn as
+    a dashed line the axis always includes. Without any plottable trial the
     figure says so. The PNG is written atomically to ``path`` (parent folders created) and
     ``path`` is returned.
     """
@@ -107,7 +108,7 @@ def pareto_plot(
             zorder=3,
         )
     if baseline is not None and np.isfinite(baseline):
-        label = f"flat image, no information ({baseline:.3g})"
+        label = f"population mean image, known without clients ({baseline:.3g})"
         ax.axhline(baseline, color="0.45", ls="--", lw=1.1, zorder=1, label=label)
     _draw_control(ax, xs[defenses == control], ys[defenses == control], control)
     if len(xs):

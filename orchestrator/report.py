@@ -180,16 +180,20 @@ def report(folder: Path, *, utility_loss: float = 0.01) -> tuple[Path, Path]:
 
 def _validity_section(cfg: StudyConfig, df: pd.DataFrame) -> Section:
     """ "Can this study rank defenses?": the control's strongest attack against the study's
-    validity thresholds (:func:`orchestrator.validity.check_validity`)."""
-    from orchestrator.validity import check_validity
+    validity thresholds (:func:`orchestrator.validity.check_validity`): its gain over the
+    population mean image and its identification rate, the flat image's figure beside them."""
+    from orchestrator.validity import check_study
 
-    verdict = check_validity(df, cfg.validity.min_gain_db, cfg.validity.min_ssim)
+    verdict = check_study(df, cfg.validity)
     answer = {"ok": "Yes.", "attacks_too_weak": "No.", "no_control": "Cannot tell."}
     rows = [
         ["verdict", verdict.status],
         ["control trial", verdict.control_trial or "–"],
-        ["best attack's PSNR gain over a flat image (dB)", _fmt(verdict.gain_db, 3)],
+        ["best attack's PSNR gain over the population mean image (dB)", _fmt(verdict.gain_db, 3)],
         ["needed (validity.min_gain_db)", _fmt(verdict.min_gain_db, 3)],
+        ["share of victims identified", _fmt(verdict.identified, 3)],
+        ["needed (validity.min_identified)", _fmt(verdict.min_identified, 3)],
+        ["its gain over a flat image (dB, a weak baseline)", _fmt(verdict.flat_gain_db, 3)],
         ["best attack's SSIM", _fmt(verdict.ssim, 3)],
         ["needed (validity.min_ssim)", _fmt(verdict.min_ssim, 3)],
     ]
@@ -240,10 +244,10 @@ def _settings_section(cfg: StudyConfig) -> Section:
 def _front_sections(
     cfg: StudyConfig, folder: Path, results: Analysis, attacks: pd.DataFrame
 ) -> list[Section]:
-    """The front's plot (drawn to ``report_pareto.png``, with the flat-image line) and its
+    """The front's plot (drawn to ``report_pareto.png``, with the mean-image line) and its
     trials."""
     from orchestrator.summary import objectives_of
-    from orchestrator.validity import flat_baseline
+    from orchestrator.validity import prior_baseline
 
     df = results.trials
     obj_cols = [o.metric for o in cfg.objectives]
@@ -255,7 +259,7 @@ def _front_sections(
             objectives_of(cfg),
             plot,
             title=f"{cfg.study}: Pareto front",
-            baseline=flat_baseline(objectives_of(cfg)[1].metric, attacks),
+            baseline=prior_baseline(objectives_of(cfg)[1].metric, attacks),
         )
     hv = "–" if results.hypervolume is None else f"{results.hypervolume:.4g}"
     plot_html = (
@@ -347,7 +351,8 @@ def _grids_section(cfg: StudyConfig, folder: Path, choices: list[Choice]) -> Sec
 
 def _success_section(cfg: StudyConfig, df: pd.DataFrame, attacks: pd.DataFrame) -> Section:
     """Per defense and attack over the completed trials: images, success rate, PSNR, PSNR gain
-    over a flat image at the dataset mean (``psnr_gain``), SSIM."""
+    over the population mean image (``prior_gain``) and over a flat image (``psnr_gain``), the
+    share of images identified, SSIM."""
     rows = []
     if not attacks.empty:
         done_ids = set(df.loc[df["status"] == "completed", "trial_id"])
@@ -360,7 +365,9 @@ def _success_section(cfg: StudyConfig, df: pd.DataFrame, attacks: pd.DataFrame) 
             success_rate=("success", "mean"),
             psnr_mean=("psnr", "mean"),
             psnr_max=("psnr", "max"),
-            gain_mean=("psnr_gain", "mean"),
+            prior_mean=("prior_gain", "mean"),
+            prior_max=("prior_gain", "max"),
+            identified=("identified", "mean"),
             gain_max=("psnr_gain", "max"),
             ssim_max=("ssim", "max"),
         )
@@ -373,7 +380,9 @@ def _success_section(cfg: StudyConfig, df: pd.DataFrame, attacks: pd.DataFrame) 
                     f"{g['success_rate']:.0%}",
                     _fmt(g["psnr_mean"]),
                     _fmt(g["psnr_max"]),
-                    _fmt(g["gain_mean"]),
+                    _fmt(g["prior_mean"]),
+                    _fmt(g["prior_max"]),
+                    "–" if pd.isna(g["identified"]) else f"{g['identified']:.0%}",
                     _fmt(g["gain_max"]),
                     _fmt(g["ssim_max"]),
                 ]
@@ -385,8 +394,10 @@ def _success_section(cfg: StudyConfig, df: pd.DataFrame, attacks: pd.DataFrame) 
         f"success (PSNR ≥ {cfg.success_psnr:g} dB)",
         "PSNR mean",
         "PSNR max",
-        "PSNR gain mean",
-        "PSNR gain max",
+        "gain over mean image, mean",
+        "gain over mean image, max",
+        "identified",
+        "gain over flat, max",
         "SSIM max",
     ]
     return (

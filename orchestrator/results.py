@@ -52,9 +52,15 @@ Column order: the fixed columns above, then `param_*` sorted by name, then metri
 | `client` | int64 | no | attacked client index |
 | `image_index` | int64 | no | index of the image within the client's batch |
 | `psnr` | float64 | no | PSNR (dB) of the matched reconstruction; must be finite |
-| `psnr_gain` | float64 | yes | `psnr` minus the PSNR of a flat image at the dataset mean (0.5 without normalisation) against the same true image (`attacks.metrics.flat_image_psnr`); null in files written before it existed (schema version 1) |
+| `psnr_gain` | float64 | yes | `psnr` minus the PSNR of a flat image at the dataset mean (0.5 without normalisation) against the same true image (`attacks.metrics.flat_image_psnr`); a weak baseline; null in files written before it existed (schema version 1) |
+| `prior_psnr` | float64 | yes | PSNR of the population's mean image (the study's evaluation split) against the same true image: what is known without any client; null before schema version 3 |
+| `prior_ssim` | float64 | yes | SSIM of that mean image against the true image; null before schema version 3 |
+| `prior_gain` | float64 | yes | `psnr` minus `prior_psnr`: the headline gain; null before schema version 3 |
 | `ssim` | float64 | no | SSIM of the matched reconstruction; must be finite |
 | `lpips` | float64 | yes | LPIPS distance; null when LPIPS was unavailable |
+| `id_rank` | int64 | yes | rank (1 = nearest) of the true image among the batch's images and the reference pool by pixel distance to the reconstruction; null before schema version 3 |
+| `id_rank_lpips` | int64 | yes | the same rank by LPIPS; null without LPIPS or before schema version 3 |
+| `identified` | bool | yes | `id_rank` is 1: the reconstruction picks its victim out of the pool; null before schema version 3 |
 | `label_correct` | bool | yes | inferred label correct; null when labels were not scored |
 | `seconds` | float64 | no | wall-clock seconds of the attack on this batch |
 | `diverged` | bool | no | the attack stopped on a NaN/inf (scored anyway) |
@@ -62,8 +68,10 @@ Column order: the fixed columns above, then `param_*` sorted by name, then metri
 (`attack`, `round`, `client`, `image_index`) is unique within a trial.
 
 **Schema versions.** Tables carry ``obscura.schema_version`` in their Parquet metadata. Version 2
-added `attacks.psnr_gain`; a version-1 `attacks.parquet` (without the column) still loads, its
-rows read back with `psnr_gain` null, and the next write stores it in the current schema.
+added `attacks.psnr_gain`, version 3 the population prior and identification columns
+(`prior_psnr`, `prior_ssim`, `prior_gain`, `id_rank`, `id_rank_lpips`, `identified`). An older
+`attacks.parquet` (without them) still loads, its rows read back with those columns null, and the
+next write stores it in the current schema.
 """  # noqa: E501 (Markdown tables, one row per line)
 
 from __future__ import annotations
@@ -147,8 +155,14 @@ ATTACKS_SCHEMA: pa.Schema = pa.schema(
         pa.field("image_index", pa.int64(), nullable=False),
         pa.field("psnr", pa.float64(), nullable=False),
         pa.field("psnr_gain", pa.float64(), nullable=True),
+        pa.field("prior_psnr", pa.float64(), nullable=True),
+        pa.field("prior_ssim", pa.float64(), nullable=True),
+        pa.field("prior_gain", pa.float64(), nullable=True),
         pa.field("ssim", pa.float64(), nullable=False),
         pa.field("lpips", pa.float64(), nullable=True),
+        pa.field("id_rank", pa.int64(), nullable=True),
+        pa.field("id_rank_lpips", pa.int64(), nullable=True),
+        pa.field("identified", pa.bool_(), nullable=True),
         pa.field("label_correct", pa.bool_(), nullable=True),
         pa.field("seconds", pa.float64(), nullable=False),
         pa.field("diverged", pa.bool_(), nullable=False),
@@ -156,7 +170,7 @@ ATTACKS_SCHEMA: pa.Schema = pa.schema(
 )
 """Complete schema of ``attacks.parquet`` (no dynamic columns)."""
 
-_TABLE_METADATA = {b"obscura.schema_version": b"2"}
+_TABLE_METADATA = {b"obscura.schema_version": b"3"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -303,6 +317,11 @@ def _required_int(value: Any, where: str) -> int:
     return int(value)
 
 
+def _int_or_null(value: Any, where: str) -> int | None:
+    """An integer or None (bools and floats are rejected)."""
+    return None if value is None else _required_int(value, where)
+
+
 def _bool_or_null(value: Any, where: str, *, required: bool) -> bool | None:
     """A bool (Python or numpy), None allowed unless ``required``."""
     if value is None:
@@ -409,9 +428,16 @@ def _param_type(name: str, values: Iterable[Any], previous: pa.DataType | None) 
 _TRIAL_FIXED_NAMES = tuple(TRIALS_FIXED_SCHEMA.names)
 _ROUNDS_FIXED_NAMES = tuple(f.name for f in ROUNDS_FIXED_FIELDS)
 _ATTACK_NAMES = tuple(ATTACKS_SCHEMA.names)
-_ATTACK_OPTIONAL = frozenset({"lpips", "label_correct", "psnr_gain"})
-_ATTACK_ADDED = frozenset({"psnr_gain"})
+_ATTACK_ADDED = frozenset(
+    {"psnr_gain", "prior_psnr", "prior_ssim", "prior_gain"}
+    | {"id_rank", "id_rank_lpips", "identified"}
+)
 """``attacks.parquet`` columns added after schema version 1: older files lack them (read: null)."""
+_ATTACK_OPTIONAL = frozenset({"lpips", "label_correct"}) | _ATTACK_ADDED
+_ATTACK_FLOATS = ("psnr_gain", "prior_psnr", "prior_ssim", "prior_gain")
+"""Optional float64 columns of ``attacks.parquet`` (null when not measured)."""
+_ATTACK_RANKS = ("id_rank", "id_rank_lpips")
+"""Optional int64 columns of ``attacks.parquet``: identification ranks."""
 
 
 def _normalise_trial(row: Mapping[str, Any], previous: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -499,9 +525,11 @@ def _normalise_attack(trial_id: str, row: Mapping[str, Any], index: int) -> dict
         "client": _required_int(get("client"), f"{where}: client"),
         "image_index": _required_int(get("image_index"), f"{where}: image_index"),
         "psnr": _required_float(get("psnr"), f"{where}: psnr"),
-        "psnr_gain": _float_or_null(get("psnr_gain"), f"{where}: psnr_gain"),
+        **{k: _float_or_null(get(k), f"{where}: {k}") for k in _ATTACK_FLOATS},
         "ssim": _required_float(get("ssim"), f"{where}: ssim"),
         "lpips": _float_or_null(get("lpips"), f"{where}: lpips"),
+        **{k: _int_or_null(get(k), f"{where}: {k}") for k in _ATTACK_RANKS},
+        "identified": _bool_or_null(get("identified"), f"{where}: identified", required=False),
         "label_correct": _bool_or_null(
             get("label_correct"), f"{where}: label_correct", required=False
         ),
@@ -528,9 +556,11 @@ def attack_record(
         "client": client,
         "image_index": int(image["index"]),
         "psnr": float(image["psnr"]),
-        "psnr_gain": None if image.get("psnr_gain") is None else float(image["psnr_gain"]),
+        **{k: None if image.get(k) is None else float(image[k]) for k in _ATTACK_FLOATS},
         "ssim": float(image["ssim"]),
         "lpips": None if image.get("lpips") is None else float(image["lpips"]),
+        **{k: None if image.get(k) is None else int(image[k]) for k in _ATTACK_RANKS},
+        "identified": None if image.get("identified") is None else bool(image["identified"]),
         "label_correct": image.get("label_correct"),
         "seconds": seconds,
         "diverged": bool(diverged),

@@ -14,7 +14,7 @@ from orchestrator.pareto import Objective
 from orchestrator.plots import pareto_plot, pareto_table
 from orchestrator.results import ResultStore, atomic_write
 from orchestrator.tracking import VALIDITY_TAG, StudyTracker
-from orchestrator.validity import Validity, check_validity, flat_baseline, validity_line
+from orchestrator.validity import Validity, check_study, prior_baseline, validity_line
 
 
 def objectives_of(cfg: StudyConfig) -> list[Objective]:
@@ -29,7 +29,7 @@ def summarise(cfg: StudyConfig, store: ResultStore, tracker: StudyTracker | None
     if analysis.completed:
         store.set_derived(analysis.accuracy_drop, set(analysis.front["trial_id"].astype(str)))
     plot = cfg.folder / "pareto.png"
-    verdict = check_validity(analysis.trials, cfg.validity.min_gain_db, cfg.validity.min_ssim)
+    verdict = check_study(analysis.trials, cfg.validity)
     if analysis.completed:
         publish_front(cfg, analysis, plot, verdict, store.attacks())
     if tracker is not None:
@@ -69,11 +69,11 @@ def publish_front(
     verdict: Validity,
     attacks: pd.DataFrame,
 ) -> None:
-    """``pareto.png`` (with the flat-image line), ``pareto.txt`` and the front printed on the
-    console, each with the study's validity verdict."""
+    """``pareto.png`` (with the population mean image's line), ``pareto.txt`` and the front
+    printed on the console, each with the study's validity verdict."""
     objectives = objectives_of(cfg)
     trials = analysis.trials
-    baseline = flat_baseline(objectives[1].metric, attacks) if len(objectives) > 1 else None
+    baseline = prior_baseline(objectives[1].metric, attacks) if len(objectives) > 1 else None
     pareto_plot(trials, objectives, plot, title=f"{cfg.study}: Pareto front", baseline=baseline)
     params = sorted(c for c in trials.columns if c.startswith("param_"))
     table = pareto_table(analysis.front, objectives, params)

@@ -22,6 +22,7 @@ import torch
 from attacks import Reconstruction, get_attack
 from attacks.metrics import score
 from attacks.plots import save_pair_grid
+from attacks.population import MIN_POOL, Reference
 from defenses import Defense, get_defense
 from fl import data as fl_data
 from fl import models as fl_models
@@ -54,6 +55,23 @@ class TrialOutcome:
 def _load_split(dataset: str, root: str, split: str, download: bool, size: int | None) -> Any:
     """Datasets are loaded once per process (a Ray worker may run several trials)."""
     return fl_data.load(dataset, root=root, split=split, download=download, image_size=size)
+
+
+@functools.lru_cache(maxsize=2)
+def _reference(dataset: str, root: str, download: bool, size: int | None, pool: int) -> Reference:
+    """The population prior of a study: the evaluation (test) split, which no client trains on,
+    as the mean image and identification pool (built once per process)."""
+    test = _load_split(dataset, root, "test", download, size)
+    ref = Reference.from_images(test.images, pool_size=pool)
+    if ref.pool.shape[0] < MIN_POOL:
+        log.warning(
+            "identification pool of %d images (%s test split): fewer than %d make identifying a "
+            "victim easy; read identification rates with that in mind",
+            ref.pool.shape[0],
+            dataset,
+            MIN_POOL,
+        )
+    return ref
 
 
 def _reset_peak_memory(device: torch.device) -> None:
@@ -228,6 +246,10 @@ def _attack(
     """Every configured attack on its victims (the first ``victims`` sampled clients of each
     attacked round), scored against the ground truth."""
     out = _Attacked()
+    d = config.data
+    reference = _reference(
+        d.dataset, str(d.root), d.download, d.image_size, config.identification_pool
+    )
     rank = {(r.round, client): i for r in result.history for i, client in enumerate(r.clients)}
     for spec in config.attacks:
         started = time.perf_counter()
@@ -251,12 +273,14 @@ def _attack(
                 success_psnr=config.success_psnr,
                 device=str(device),
                 lpips_backbone=config.lpips_backbone,
+                reference=reference,
             )
             out.seconds_metrics += time.perf_counter() - t1
             if progress is not None:
                 progress(
                     f"attack {spec.key} round {obs.round} client {obs.client}: "
-                    f"PSNR max {s['psnr_max']:.2f} dB, {rec.seconds:.1f} s"
+                    f"PSNR max {s['psnr_max']:.2f} dB ({s['prior_gain_max']:+.2f} dB over the "
+                    f"mean image), identified {s['identification_rate']:.0%}, {rec.seconds:.1f} s"
                 )
             rows.extend(
                 attack_record(

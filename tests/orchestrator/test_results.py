@@ -40,8 +40,14 @@ def _attack(**extra: Any) -> dict[str, Any]:
         "image_index": 0,
         "psnr": 18.5,
         "psnr_gain": 4.25,
+        "prior_psnr": 17.0,
+        "prior_ssim": 0.6,
+        "prior_gain": 1.5,
         "ssim": 0.42,
         "lpips": 0.31,
+        "id_rank": 3,
+        "id_rank_lpips": 1,
+        "identified": False,
         "label_correct": True,
         "seconds": 2.5,
         "diverged": False,
@@ -384,26 +390,35 @@ def test_attack_record_keeps_psnr_gain(store: ResultStore) -> None:
     assert (back["psnr"] > back["psnr_gain"]).all()  # the flat image scores above 0 dB
 
 
-def test_version_1_attacks_file_without_psnr_gain_still_loads(tmp_path: Path) -> None:
+_VERSION_3 = ("prior_psnr", "prior_ssim", "prior_gain", "id_rank", "id_rank_lpips", "identified")
+
+
+@pytest.mark.parametrize(
+    ("version", "added"), [(b"1", ("psnr_gain", *_VERSION_3)), (b"2", _VERSION_3)]
+)
+def test_older_attacks_files_without_the_added_columns_still_load(
+    tmp_path: Path, version: bytes, added: tuple[str, ...]
+) -> None:
     folder = tmp_path / "study"
     folder.mkdir()
     old_schema = pa.schema(
-        [f for f in ATTACKS_SCHEMA if f.name != "psnr_gain"],
-        metadata={b"obscura.schema_version": b"1"},
+        [f for f in ATTACKS_SCHEMA if f.name not in added],
+        metadata={b"obscura.schema_version": version},
     )
-    old_row = {"trial_id": "old", **{k: v for k, v in _attack().items() if k != "psnr_gain"}}
+    old_row = {"trial_id": "old", **{k: v for k, v in _attack().items() if k not in added}}
     pq.write_table(pa.Table.from_pylist([old_row], schema=old_schema), folder / "attacks.parquet")
 
     store = ResultStore(folder)
     df = store.attacks()
     assert df.columns.tolist() == ATTACKS_SCHEMA.names
-    assert df["psnr"].tolist() == [18.5] and df["psnr_gain"].isna().all()
+    assert df["psnr"].tolist() == [18.5]
+    assert all(df[name].isna().all() for name in added)
     store.add_attacks("new", [_attack()])  # the next write uses the current schema
     table = pq.read_table(store.attacks_path)
     assert table.schema.equals(ATTACKS_SCHEMA, check_metadata=False)
-    assert table.schema.metadata[b"obscura.schema_version"] == b"2"
-    assert table.column("psnr_gain").to_pylist() == [None, 4.25]
-    assert ResultStore(folder).attacks()["trial_id"].tolist() == ["old", "new"]
+    assert table.schema.metadata[b"obscura.schema_version"] == b"3"
+    new = store.attacks().set_index("trial_id").loc["new"]
+    assert new["prior_gain"] == 1.5 and new["id_rank"] == 3 and not new["identified"]
 
 
 def test_attacks_replace_per_trial(store: ResultStore) -> None:
