@@ -52,6 +52,8 @@ __all__ = [
     "get_lpips",
     "lpips_available",
     "lpips_distance",
+    "lpips_features",
+    "lpips_from_features",
     "lpips_matrix",
     "prepare_for_lpips",
 ]
@@ -349,6 +351,46 @@ def _normalised_features(model: torch.nn.Module, x: torch.Tensor) -> list[torch.
     return [lpips.normalize_tensor(outs[k]) for k in range(model.L)]
 
 
+def lpips_features(
+    images: torch.Tensor,
+    *,
+    device: str | torch.device = "cpu",
+    backbone: str | os.PathLike[str] | None = None,
+) -> list[torch.Tensor]:
+    """LPIPS' unit-normalised AlexNet activations of a (B, C, H, W) batch in [0, 1], one tensor
+    per layer on ``device``: computed once, compared with :func:`lpips_from_features` (e.g. a
+    fixed identification pool against every reconstruction)."""
+    if images.ndim != 4:
+        raise ValueError(f"expected a (B, C, H, W) batch, got {tuple(images.shape)}")
+    model = get_lpips(device, backbone)
+    with torch.no_grad():
+        return _normalised_features(model, prepare_for_lpips(images).to(torch.device(device)))
+
+
+def lpips_from_features(
+    feats_a: list[torch.Tensor],
+    feats_b: list[torch.Tensor],
+    *,
+    device: str | torch.device = "cpu",
+    backbone: str | os.PathLike[str] | None = None,
+) -> torch.Tensor:
+    """D (CPU, float64) with D[i, j] = LPIPS between image i of ``feats_a`` and image j of
+    ``feats_b`` (both from :func:`lpips_features` with the same ``device`` and ``backbone``):
+    the per-layer squared differences through the calibrated linear layers, as in
+    ``lpips.LPIPS.forward``."""
+    model = get_lpips(device, backbone)
+    n, m = feats_a[0].shape[0], feats_b[0].shape[0]
+    out = torch.zeros(n, m, dtype=torch.float64)
+    with torch.no_grad():
+        for i in range(n):
+            row = torch.zeros(m, dtype=torch.float32, device=feats_b[0].device)
+            for k in range(model.L):
+                diff = (feats_a[k][i : i + 1] - feats_b[k]) ** 2
+                row += model.lins[k](diff).mean(dim=(1, 2, 3))
+            out[i] = row.cpu().to(torch.float64)
+    return out
+
+
 def lpips_matrix(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -363,16 +405,5 @@ def lpips_matrix(
     so the diagonal equals :func:`lpips_distance` up to float32 rounding.
     """
     _check_pair(a, b)
-    model = get_lpips(device, backbone)
-    dev = torch.device(device)
-    out = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float64)
-    with torch.no_grad():
-        feats_a = _normalised_features(model, prepare_for_lpips(a).to(dev))
-        feats_b = _normalised_features(model, prepare_for_lpips(b).to(dev))
-        for i in range(a.shape[0]):
-            row = torch.zeros(b.shape[0], dtype=torch.float32, device=dev)
-            for k in range(model.L):
-                diff = (feats_a[k][i : i + 1] - feats_b[k]) ** 2
-                row += model.lins[k](diff).mean(dim=(1, 2, 3))
-            out[i] = row.cpu().to(torch.float64)
-    return out
+    where = {"device": device, "backbone": backbone}
+    return lpips_from_features(lpips_features(a, **where), lpips_features(b, **where), **where)

@@ -62,7 +62,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from skimage.metrics import structural_similarity
 
-from attacks.lpips_net import LpipsUnavailable, lpips_matrix
+from attacks.lpips_net import LpipsUnavailable, lpips_features, lpips_from_features, lpips_matrix
 from attacks.population import Reference, identification_ranks, pixel_ranks
 
 __all__ = [
@@ -535,8 +535,11 @@ def _identification(
     candidates = truth.shape[0] + int(reference.pool.shape[0])
     if not with_lpips:
         return _Identification(pixel, None, candidates)
-    pool = torch.cat([truth, reference.pool.to(torch.float64)])
-    dist = lpips_matrix(ordered, pool, device=device, backbone=backbone)
+    where: dict[str, Any] = {"device": device, "backbone": backbone}
+    pool = reference.pool_lpips_features(device, backbone)
+    truths = lpips_features(truth, **where)
+    candidates_feats = [torch.cat([t, p]) for t, p in zip(truths, pool, strict=True)]
+    dist = lpips_from_features(lpips_features(ordered, **where), candidates_feats, **where)
     return _Identification(pixel, identification_ranks(ordered, truth, dist), candidates)
 
 

@@ -16,10 +16,13 @@ no client trains on); images are (N, C, H, W) in [0, 1].
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from attacks.lpips_net import lpips_features
 
 __all__ = ["DEFAULT_POOL", "MIN_POOL", "Reference", "identification_ranks", "pixel_ranks"]
 
@@ -44,6 +47,9 @@ class Reference:
     mean_image: torch.Tensor
     pool: torch.Tensor
     size: int
+    _lpips: dict[tuple[str, str | None], list[torch.Tensor]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     @classmethod
     def from_images(
@@ -86,6 +92,16 @@ class Reference:
         keep = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:pool_size]
         pool = (images[keep.sort().values].detach().to("cpu", torch.float32) / scale).clamp(0, 1)
         return cls((total / n).to(torch.float32), pool.contiguous(), n)
+
+    def pool_lpips_features(
+        self, device: str | torch.device, backbone: str | os.PathLike[str] | None
+    ) -> list[torch.Tensor]:
+        """The pool's LPIPS features (:func:`attacks.lpips_net.lpips_features`), computed once
+        per device and backbone: every scored batch compares its reconstructions with them."""
+        key = (str(torch.device(device)), None if backbone is None else str(backbone))
+        if key not in self._lpips:
+            self._lpips[key] = lpips_features(self.pool, device=device, backbone=backbone)
+        return self._lpips[key]
 
     def describe(self) -> dict[str, Any]:
         """What the result records about this reference: its size and pool size."""

@@ -13,7 +13,7 @@ from orchestrator.config import StudyConfig
 from orchestrator.pareto import Objective
 from orchestrator.plots import pareto_plot, pareto_table
 from orchestrator.results import ResultStore, atomic_write
-from orchestrator.tracking import VALIDITY_TAG, StudyTracker
+from orchestrator.tracking import VALIDITY_FIGURES_TAG, VALIDITY_TAG, StudyTracker
 from orchestrator.validity import Validity, check_study, prior_baseline, validity_line
 
 
@@ -40,7 +40,7 @@ def summarise(cfg: StudyConfig, store: ResultStore, tracker: StudyTracker | None
                 "trials_completed": analysis.completed,
                 "trials_failed": analysis.failed,
             },
-            {VALIDITY_TAG: verdict.status},
+            {VALIDITY_TAG: verdict.status, VALIDITY_FIGURES_TAG: verdict.figures()},
         )
         print(mlflow_hint(tracker.uri, tracker.experiment_id), flush=True)
     return StudyResults(

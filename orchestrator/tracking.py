@@ -32,6 +32,9 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 TRAINING_KIND = "custom_model_development"
 #: The parent run's tag with :class:`orchestrator.validity.Validity`'s status.
 VALIDITY_TAG = "validity"
+#: The parent run's tag with the control's figures behind that status: its gain over the
+#: population mean image and its identification rate, against the thresholds.
+VALIDITY_FIGURES_TAG = "validity_figures"
 
 
 class TrackingError(RuntimeError):

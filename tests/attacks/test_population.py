@@ -113,3 +113,23 @@ def test_reference_pool_and_mean() -> None:
 def test_a_duplicate_of_the_victim_in_the_pool_does_not_hide_it() -> None:
     distances = torch.tensor([[0.2, 0.9, 0.2, 0.5]])  # the victim, then a duplicate at 0.2
     assert identification_ranks(torch.zeros(1, 1), torch.zeros(1, 1), distances) == [1]
+
+
+def test_lpips_ranks_from_the_cached_pool_equal_the_direct_matrix(xrays, shared_dir) -> None:
+    """The pool's LPIPS features are computed once per reference: the ranks they give equal
+    those of the full LPIPS matrix computed afresh."""
+    from attacks.lpips_net import lpips_matrix
+
+    victims, ref, _ = xrays
+    gen = torch.Generator().manual_seed(1)
+    noisy = (victims + 0.3 * torch.randn(victims.shape, generator=gen, dtype=victims.dtype)).clamp(
+        0, 1
+    )
+    backbone = _backbone(shared_dir)
+    for _ in range(2):  # the second call reads the cached features
+        s = score_images(noisy, victims, reference=ref, lpips_backbone=backbone)
+        order = s["assignment"]
+        candidates = torch.cat([victims, ref.pool.to(torch.float64)])
+        direct = lpips_matrix(noisy[order], candidates, backbone=backbone)
+        expected = identification_ranks(noisy[order], victims, direct)
+        assert [i["id_rank_lpips"] for i in s["per_image"]] == expected

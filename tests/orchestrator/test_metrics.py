@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from attacks.metrics import score_images
+from attacks.population import Reference
 from attacks.samples import sample_images
 from orchestrator.metrics import (
     PRIVACY,
@@ -18,12 +19,33 @@ from orchestrator.metrics import (
 )
 
 
-def _scored(noise: float, flat: tuple[float, ...]) -> list[dict]:
+def _scored(
+    noise: float, flat: tuple[float, ...], reference: Reference | None = None
+) -> list[dict]:
     """``per_image`` of eight real 16 px photographs reconstructed with Gaussian noise."""
     truth = sample_images(16, 8).double()
     gen = torch.Generator().manual_seed(0)
     rec = (truth + noise * torch.randn(truth.shape, generator=gen, dtype=truth.dtype)).clamp(0, 1)
-    return score_images(rec, truth, lpips=False, flat=flat)["per_image"]
+    return score_images(rec, truth, lpips=False, flat=flat, reference=reference)["per_image"]
+
+
+def test_attack_summary_reports_the_prior_gain_and_identification() -> None:
+    """The other photographs as the reference: a faint copy identifies every victim, a copy
+    drowned in noise fewer; rows scored without a reference give None."""
+    reference = Reference.from_images(sample_images(16, 30)[8:])
+    clear = attack_summary(_scored(0.02, (0.5,), reference), 20.0)
+    rows = _scored(0.02, (0.5,), reference)
+    assert clear["prior_gain_max"] == max(r["prior_gain"] for r in rows)
+    assert clear["identification_rate"] == 1.0 and clear["identification_rate_lpips"] is None
+    drowned = attack_summary(_scored(2.0, (0.5,), reference), 20.0)
+    assert drowned["identification_rate"] < 1.0
+    assert drowned["prior_gain_max"] < clear["prior_gain_max"]
+    worst = worst_case({"clear": clear, "drowned": drowned})
+    assert worst["attack_identification_rate"] == 1.0
+    assert worst["attack_prior_gain_max"] == clear["prior_gain_max"]
+    without = attack_summary(_scored(0.02, (0.5,)), 20.0)
+    assert without["identification_rate"] is None
+    assert without["prior_gain_max"] == without["psnr_gain_max"]  # the flat image, said so
 
 
 def test_attack_summary_reports_psnr_gain() -> None:
@@ -56,7 +78,14 @@ def test_worst_case_takes_the_largest_gain_over_attacks() -> None:
 
 def test_gain_names_are_known_metrics() -> None:
     names = builtin_names(["idlg"])
-    for name in ("idlg_psnr_gain_mean", "idlg_psnr_gain_max", "attack_psnr_gain_max"):
+    for name in (
+        "idlg_psnr_gain_mean",
+        "idlg_psnr_gain_max",
+        "attack_psnr_gain_max",
+        "attack_prior_gain_max",
+        "idlg_identification_rate",
+        "attack_identification_rate_lpips",
+    ):
         assert name in names
         validate_metric(name, ["idlg"])  # usable as a study objective
     with pytest.raises(ValueError, match="known metrics"):

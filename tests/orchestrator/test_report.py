@@ -125,9 +125,9 @@ def test_log_images_none_keeps_every_image_out(tiny_study, local_ray_run) -> Non
         assert "images" not in arts
 
 
-def test_success_table_shows_psnr_gain(tiny_study, tmp_path) -> None:
-    """The attack table gives the PSNR gain over a flat image beside the PSNR ('–' for rows of
-    files written before psnr_gain existed)."""
+def test_success_table_shows_both_gains_and_identification(tiny_study, tmp_path) -> None:
+    """The attack table gives the PSNR gain over the mean image, the share identified and the
+    gain over a flat image beside the PSNR ('–' for rows of files written before them)."""
     from orchestrator import load_study
     from orchestrator.report import _success_section
     from orchestrator.results import ResultStore
@@ -140,12 +140,17 @@ def test_success_table_shows_psnr_gain(tiny_study, tmp_path) -> None:
     store.add_attacks(
         "t0",
         [
-            {**row, "image_index": 0, "psnr": 25.0, "psnr_gain": 10.5, "diverged": False},
-            {**row, "image_index": 1, "psnr": 15.0, "psnr_gain": -1.25, "diverged": False},
+            {**row, "image_index": 0, "psnr": 25.0, "psnr_gain": 10.5, "diverged": False}
+            | {"prior_gain": 7.5, "id_rank": 1, "identified": True},
+            {**row, "image_index": 1, "psnr": 15.0, "psnr_gain": -1.25, "diverged": False}
+            | {"prior_gain": -4.25, "id_rank": 9, "identified": False},
         ],
     )
     store.add_attacks("t1", [{**row, "image_index": 0, "psnr": 12.0, "diverged": False}])
     _, _, md = _success_section(cfg, store.trials(), store.attacks())
-    assert "| PSNR mean | PSNR max | PSNR gain mean | PSNR gain max |" in md
-    assert "| t0 | idlg | 2 | 50% | 20 | 25 | 4.625 | 10.5 |" in md
-    assert "| t1 | idlg | 1 | 0% | 12 | 12 | – | – |" in md
+    assert (
+        "| PSNR mean | PSNR max | gain over mean image, mean | gain over mean image, max "
+        "| identified | gain over flat, max |"
+    ) in md
+    assert "| t0 | idlg | 2 | 50% | 20 | 25 | 1.625 | 7.5 | 50% | 10.5 |" in md
+    assert "| t1 | idlg | 1 | 0% | 12 | 12 | – | – | – | – |" in md

@@ -39,7 +39,14 @@ def test_study_end_to_end_on_local_ray(completed_study) -> None:
     assert (trials["status"] == "completed").all()
     # the first trials are the control and each defense at its defaults
     assert set(trials["defense"]) == {"none", "gradient_noise", "prune"}
-    for metric in ("test_accuracy", "attack_psnr_max", "attack_psnr_gain_max"):
+    for metric in (
+        "test_accuracy",
+        "attack_psnr_max",
+        "attack_psnr_gain_max",
+        "attack_prior_gain_max",
+        "attack_identification_rate",
+        "attack_identification_rate_lpips",
+    ):
         assert trials[metric].notna().all()
         assert all(math.isfinite(v) for v in trials[metric])
     assert (trials["attack_psnr_gain_max"] < trials["attack_psnr_max"]).all()
@@ -51,7 +58,11 @@ def test_study_end_to_end_on_local_ray(completed_study) -> None:
     attacks = pd.read_parquet(folder / "attacks.parquet")
     assert len(attacks) == 4 * 2  # one victim of batch 2 per trial
     assert attacks["psnr"].notna().all() and attacks["lpips"].notna().all()
-    assert attacks["psnr_gain"].notna().all()
+    for column in ("psnr_gain", "prior_psnr", "prior_ssim", "prior_gain", "id_rank"):
+        assert attacks[column].notna().all(), column
+    assert (attacks["prior_gain"] == attacks["psnr"] - attacks["prior_psnr"]).all()
+    assert (attacks["identified"] == (attacks["id_rank"] == 1)).all()
+    assert attacks["id_rank_lpips"].notna().all()  # LPIPS's backbone is given
     assert (folder / "pareto.png").stat().st_size > 0
     assert (folder / "optuna.db").exists()
     parents, children = _children(cfg.tracking.mlflow_uri, cfg.study)
@@ -63,7 +74,7 @@ def test_study_end_to_end_on_local_ray(completed_study) -> None:
         assert child.data.tags["defense"] in {"none", "gradient_noise", "prune"}
         assert "test_accuracy" in child.data.metrics
         row = trials.loc[trials["mlflow_run_id"] == child.info.run_id].iloc[0]
-        for name in ("idlg_psnr_gain_mean", "attack_psnr_gain_max"):
+        for name in ("idlg_psnr_gain_mean", "attack_psnr_gain_max", "attack_prior_gain_max"):
             assert child.data.metrics[name] == pytest.approx(row[name]), name
         assert [a.path for a in client.list_artifacts(child.info.run_id, "images")]
         history = client.get_metric_history(child.info.run_id, "test_accuracy")

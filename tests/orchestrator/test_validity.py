@@ -125,8 +125,9 @@ def _register_mean_image_attack(shared_dir) -> str:
     import torch
 
     from attacks import available_attacks, register_attack
-    from attacks.base import Attack, Attempt
+    from attacks.base import Attack, AttackParams, Attempt
     from fl import data
+    from fl.simulation.observation import Observation
 
     name = "population_mean_image"
     if name in available_attacks():
@@ -135,8 +136,8 @@ def _register_mean_image_attack(shared_dir) -> str:
     mean_image = test.float_images().mean(dim=0)
 
     @register_attack(name)
-    class MeanImage(Attack):  # type: ignore[type-arg]  (default parameters)
-        def attempt(self, obs, generator, restart):  # noqa: ANN001, ANN202
+    class MeanImage(Attack[AttackParams]):
+        def attempt(self, obs: Observation, generator: torch.Generator, restart: int) -> Attempt:
             n = obs.num_examples or 1
             std = torch.tensor(obs.std).view(1, -1, 1, 1)
             mean = torch.tensor(obs.mean).view(1, -1, 1, 1)
@@ -180,7 +181,7 @@ def _run_tiny(tiny_study, name: str, attacks: list[dict], local_ray_run):
             "search.trials": 2,
             "objectives": [
                 {"metric": "test_accuracy", "mode": "max"},
-                {"metric": "attack_psnr_gain_max", "mode": "min"},
+                {"metric": "attack_prior_gain_max", "mode": "min"},
             ],
         },
         name=f"{name}.yaml",
@@ -191,8 +192,10 @@ def _run_tiny(tiny_study, name: str, attacks: list[dict], local_ray_run):
     parent = json.loads((cfg.folder / "tracking.json").read_text())["parent_run_id"]
     experiment = client.get_experiment_by_name(cfg.study)
     _, md = report(cfg.folder)
+    tags = client.get_run(parent).data.tags
+    assert "over the population mean image" in tags["validity_figures"]
     return (
-        client.get_run(parent).data.tags.get("validity"),
+        tags.get("validity"),
         experiment.tags.get("mlflow.experimentKind"),
         (cfg.folder / "pareto.txt").read_text().strip().splitlines()[-1],
         md.read_text(),
