@@ -366,35 +366,28 @@ def score_images(
 ) -> dict[str, Any]:
     """Score a batch of reconstructions against ground truth with the Obscura protocol.
 
-    ``rec_images`` and ``true_images`` are (B, C, H, W) in [0, 1]; labels are (B,) integer
-    tensors or None. ``lpips=False`` skips LPIPS (then the assignment uses MSE); ``device`` is
-    where the LPIPS network runs, ``lpips_backbone`` its AlexNet backbone file (None: as
-    :func:`attacks.lpips_net.configure` resolves it); ``flat`` the value of the flat baseline
-    image ``psnr_gain`` is measured against (see :func:`flat_value`); ``reference`` the
-    population the victims come from (:class:`~attacks.population.Reference`, disjoint from
-    them): the prior baseline and identification (points 7 and 8 of the module docstring).
-    Returns a dict with
+    ``rec_images``, ``true_images``: (B, C, H, W) in [0, 1]; labels (B,) integers or None.
+    ``lpips=False`` skips LPIPS (the assignment then uses MSE) run on ``device`` with the
+    ``lpips_backbone`` file (None: :func:`attacks.lpips_net.configure`); ``flat``: the flat
+    image of ``psnr_gain`` (:func:`flat_value`); ``reference``: the victims' population
+    (:class:`~attacks.population.Reference`, disjoint from them) for the prior baseline and
+    identification (points 7 and 8 of the module docstring). Returns a dict with
 
     * ``n_images``, ``assignment_cost`` (``"lpips"``/``"mse"``), ``assignment`` (list[int],
       assignment[i] = reconstruction matched to true image i);
-    * ``psnr_mean, psnr_median, psnr_max, psnr_min, psnr_gain_*, prior_gain_mean,
-      prior_gain_median, prior_gain_max, prior_gain_min, ssim_mean, ssim_median, ssim_max,
-      lpips_mean, lpips_median, lpips_min`` (floats; LPIPS ones None without LPIPS);
+    * ``psnr_``, ``psnr_gain_`` and ``prior_gain_`` ``mean, median, max, min``, ``ssim_mean,
+      ssim_median, ssim_max, lpips_mean, lpips_median, lpips_min`` (LPIPS: None without it);
     * ``flat_value`` (list of per-channel floats used), ``flat_psnr_mean`` (the flat image's mean
       PSNR over the batch); ``prior`` (``"mean_image"`` with a reference, else ``"flat"``),
       ``prior_psnr_mean``, ``prior_ssim_mean``;
-    * ``identification_rate`` and ``identification_rate_lpips`` (None without a reference, the
-      LPIPS one also without LPIPS), ``identification_pool`` (candidates per image: the batch
-      plus the pool; None without a reference);
-    * ``label_accuracy`` (float, or None when either side has no labels), ``success_rate``
-      (fraction with PSNR >= ``success_psnr``), ``success_psnr`` (the threshold used);
-    * ``lpips_status`` (``"ok"``, or why LPIPS is None), ``rec_nonfinite_pixels`` (replaced
-      non-finite reconstruction values);
-    * ``per_image``: list of ``{"index", "psnr", "psnr_gain", "prior_psnr", "prior_ssim",
-      "prior_gain", "ssim", "lpips", "id_rank", "id_rank_lpips", "identified",
-      "label_correct"}`` in ground-truth order (None where not measured).
-
-    No value is ever NaN or inf.
+    * ``identification_rate``, ``identification_rate_lpips`` and ``identification_pool``
+      (candidates per image: the batch plus the pool); None where not measured;
+    * ``label_accuracy`` (None when either side has no labels), ``success_rate`` (share with
+      PSNR >= ``success_psnr``), ``success_psnr``, ``lpips_status`` (``"ok"``, or why LPIPS is
+      None), ``rec_nonfinite_pixels`` (replaced non-finite reconstruction values);
+    * ``per_image``: ``{"index", "psnr", "psnr_gain", "prior_psnr", "prior_ssim", "prior_gain",
+      "ssim", "lpips", "id_rank", "id_rank_lpips", "identified", "label_correct"}`` in
+      ground-truth order (None where not measured). No value is ever NaN or inf.
 
     Raises:
         ValueError: shapes differ or are not (B, C, H, W), non-finite ground truth or
@@ -409,19 +402,11 @@ def score_images(
     """
     rec, nonfinite = _reconstruction_batch(rec_images)
     truth = _truth_batch(true_images)
-    _check_same_shape(rec, truth)
+    _check_inputs(rec, truth, reference, success_psnr)
     n = truth.shape[0]
     channels = _flat_channels(flat, truth.shape[1])
-    if reference is not None and tuple(reference.mean_image.shape) != tuple(truth.shape[1:]):
-        raise ValueError(
-            f"reference images are {tuple(reference.mean_image.shape)}, the true images "
-            f"{tuple(truth.shape[1:])}: the reference must come from the same population"
-        )
     rec_lab = _labels(rec_labels, n, "rec_labels")
     true_lab = _labels(true_labels, n, "true_labels")
-    if not math.isfinite(success_psnr):
-        raise ValueError(f"success_psnr must be finite, got {success_psnr}")
-
     lpips_dist, lpips_status = _lpips_distances(truth, rec, lpips, device, lpips_backbone)
     assignment_cost: CostName = "mse" if lpips_dist is None else "lpips"
     assignment = _hungarian(_mse_matrix(truth, rec) if lpips_dist is None else lpips_dist)
@@ -436,11 +421,7 @@ def score_images(
         "assignment_cost": assignment_cost,
         "assignment": assignment,
         **_summaries(psnrs, values.psnr_gain, values.prior_gain, values.ssim, values.lpips),
-        "flat_value": [float(v) for v in channels],
-        "flat_psnr_mean": float(np.mean(values.flat_psnr)),
-        "prior": "flat" if reference is None else "mean_image",
-        "prior_psnr_mean": float(np.mean(values.prior_psnr)),
-        "prior_ssim_mean": float(np.mean(values.prior_ssim)),
+        **values.baselines(channels, reference),
         **ids.summary(),
         "label_accuracy": None if correct is None else float(np.mean(correct)),
         "success_rate": float(np.mean([p >= success_psnr for p in psnrs])),
@@ -449,6 +430,21 @@ def score_images(
         "rec_nonfinite_pixels": nonfinite,
         "per_image": _per_image(values, ids, correct),
     }
+
+
+def _check_inputs(
+    rec: torch.Tensor, truth: torch.Tensor, reference: Reference | None, success_psnr: float
+) -> None:
+    """Raise ValueError unless the batches match, the reference images have their shape and
+    ``success_psnr`` is finite."""
+    _check_same_shape(rec, truth)
+    if reference is not None and tuple(reference.mean_image.shape) != tuple(truth.shape[1:]):
+        raise ValueError(
+            f"reference images are {tuple(reference.mean_image.shape)}, the true images "
+            f"{tuple(truth.shape[1:])}: the reference must come from the same population"
+        )
+    if not math.isfinite(success_psnr):
+        raise ValueError(f"success_psnr must be finite, got {success_psnr}")
 
 
 class _ImageMetrics(NamedTuple):
@@ -463,6 +459,17 @@ class _ImageMetrics(NamedTuple):
     prior_gain: list[float]
     ssim: list[float]
     lpips: list[float] | None
+
+    def baselines(self, channels: np.ndarray, reference: Reference | None) -> dict[str, Any]:
+        """The batch's baseline figures: the flat image's value and mean PSNR, which prior was
+        used (``mean_image`` or ``flat``) and its mean PSNR and SSIM."""
+        return {
+            "flat_value": [float(v) for v in channels],
+            "flat_psnr_mean": float(np.mean(self.flat_psnr)),
+            "prior": "flat" if reference is None else "mean_image",
+            "prior_psnr_mean": float(np.mean(self.prior_psnr)),
+            "prior_ssim_mean": float(np.mean(self.prior_ssim)),
+        }
 
 
 def _image_metrics(
