@@ -30,9 +30,9 @@ def _row(stdout: str, method: str) -> list[str]:
 
 
 def test_a_tiny_run_on_photos_prints_finite_rows(tmp_path: Path) -> None:
-    """Two iterations of ig and stg on one photograph: a flat row, one row per method and the
-    summary; numbers finite and in range; labels granted at batch 1 are right; the flat image
-    is its own baseline (gain 0); one JSON record per (method, victim); one PNG per method
+    """Two iterations of ig and stg on one photograph: the flat and mean-image rows, one row per
+    method and the summary; numbers finite and in range; labels granted at batch 1 are right;
+    each baseline gains 0 over itself; one JSON record per (method, victim); one PNG per method
     with --grid."""
     out = tmp_path / "raw.jsonl"
     done = _run(
@@ -41,23 +41,29 @@ def test_a_tiny_run_on_photos_prints_finite_rows(tmp_path: Path) -> None:
         "--threads", "1", "--device", "cpu", "--json", str(out), "--grid", str(tmp_path / "g"),
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    flat, ig, stg = (_row(done.stdout, m) for m in ("flat", "ig", "stg"))
-    for cells in (flat, ig, stg):
-        psnr, gain, ssim = float(cells[5]), float(cells[6]), float(cells[7])
-        assert math.isfinite(psnr + gain) and 0 < psnr < 60
+    flat, mean, ig, stg = (_row(done.stdout, m) for m in ("flat", "mean image", "ig", "stg"))
+    # cells: 5 PSNR, 6 gain over flat, 7 gain over the mean image, 8 SSIM, 9 LPIPS,
+    # 10 identified, 11 identified by LPIPS, 12 label accuracy, 13 seconds, 14 vs ig
+    for cells in (flat, mean, ig, stg):
+        psnr, gain, prior, ssim = (float(cells[i]) for i in (5, 6, 7, 8))
+        assert math.isfinite(psnr + gain + prior) and 0 < psnr < 60
         assert -1 <= ssim <= 1
-        assert cells[8] == "n/a" or 0 <= float(cells[8]) <= 2
-        assert float(cells[10]) >= 0
-    assert float(flat[6]) == 0.0 and flat[9] == "n/a"
-    assert float(ig[9]) == 1.0 and float(stg[9]) == 1.0
-    assert math.isfinite(float(stg[11]))  # stg vs ig, in dB
+        assert cells[9] == "n/a" or 0 <= float(cells[9]) <= 2
+        assert cells[10] in ("0/1", "1/1")
+        assert float(cells[13]) >= 0
+    assert float(flat[6]) == 0.0 and flat[12] == "n/a"
+    assert float(mean[7]) == 0.0 and float(flat[7]) == -float(mean[6])  # the two baselines
+    assert mean[10] == "0/1"  # the mean of the other photographs identifies no one
+    assert float(ig[12]) == 1.0 and float(stg[12]) == 1.0
+    assert math.isfinite(float(stg[14]))  # stg vs ig, in dB
     assert "- photos convnet16 untrained B=1: vs ig: stg " in done.stdout
     records = [json.loads(line) for line in out.read_text().splitlines()]
     victims = [r for r in records if r["kind"] == "victim"]
-    assert [r["method"] for r in victims] == ["flat", "ig", "stg"]
+    assert [r["method"] for r in victims] == ["flat", "mean image", "ig", "stg"]
     assert all(math.isfinite(r["psnr_mean"]) for r in victims)
-    assert victims[1]["attack"] == "inverting_gradients" and victims[1]["iterations"] == 2
-    assert victims[2]["attack"] == "see_through_gradients"
+    assert victims[2]["attack"] == "inverting_gradients" and victims[2]["iterations"] == 2
+    assert victims[3]["attack"] == "see_through_gradients"
+    assert victims[2]["prior"] == "mean_image" and victims[2]["identification_pool"] == 30
     pictures = sorted(p.name for p in (tmp_path / "g").iterdir())
     assert pictures == [f"photos_convnet16_untrained_b1_{m}.png" for m in ("ig", "stg")]
     assert all(
