@@ -47,6 +47,11 @@ def _fmt(v: Any, digits: int = 4) -> str:
     return str(v)
 
 
+def _percent(v: float | None) -> str:
+    """A share as a whole percentage, or a dash when missing."""
+    return "–" if v is None or is_missing(v) else f"{v:.0%}"
+
+
 def _objectives(cfg: StudyConfig) -> tuple[Any, Any]:
     """The utility objective (first ``max``) and the privacy objective (first ``min``)."""
     objs = cfg.objectives
@@ -191,8 +196,8 @@ def _validity_section(cfg: StudyConfig, df: pd.DataFrame) -> Section:
         ["control trial", verdict.control_trial or "–"],
         ["best attack's PSNR gain over the population mean image (dB)", _fmt(verdict.gain_db, 3)],
         ["needed (validity.min_gain_db)", _fmt(verdict.min_gain_db, 3)],
-        ["share of victims identified", _fmt(verdict.identified, 3)],
-        ["needed (validity.min_identified)", _fmt(verdict.min_identified, 3)],
+        ["share of victims identified", _percent(verdict.identified)],
+        ["needed (validity.min_identified)", _percent(verdict.min_identified)],
         ["its gain over a flat image (dB, a weak baseline)", _fmt(verdict.flat_gain_db, 3)],
         ["best attack's SSIM", _fmt(verdict.ssim, 3)],
         ["needed (validity.min_ssim)", _fmt(verdict.min_ssim, 3)],
