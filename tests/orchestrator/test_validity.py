@@ -204,15 +204,15 @@ def _run_tiny(tiny_study, name: str, attacks: list[dict], local_ray_run):
 
 @pytest.mark.slow
 def test_a_crippled_study_warns_and_a_leaking_one_says_ok(
-    tiny_study, local_ray_run, capsys
+    tiny_study, shared_dir, local_ray_run, capsys
 ) -> None:
-    """Real tiny studies: iDLG at one iteration cannot break the control, the analytic attack
-    recovers it exactly; the console, pareto.txt, the MLflow tag and the report agree."""
+    """Real tiny studies on Ray: a plugin attack returning the population mean image cannot
+    break the control (the issue's case; iDLG at one iteration no longer serves: on this MLP one
+    L-BFGS step already picks a patient out at 12.8 dB), the analytic attack recovers it
+    exactly; the console, pareto.txt, the MLflow tags and the report agree."""
+    attack = _register_mean_image_attack(shared_dir)
     weak = _run_tiny(
-        tiny_study,
-        "weak",
-        [{"name": "idlg", "rounds": [0], "victims": 1, "params": {"iterations": 1}}],
-        local_ray_run,
+        tiny_study, "weak", [{"name": attack, "rounds": [0], "victims": 1}], local_ray_run
     )
     weak_out = capsys.readouterr().out
     analytic = [{"name": "analytic", "rounds": [0], "victims": 1}]
