@@ -547,7 +547,7 @@ def _identification(
     truths = lpips_features(truth, **where)
     candidates_feats = [torch.cat([t, p]) for t, p in zip(truths, pool, strict=True)]
     dist = lpips_from_features(lpips_features(ordered, **where), candidates_feats, **where)
-    return _Identification(pixel, identification_ranks(ordered, truth, dist), candidates)
+    return _Identification(pixel, identification_ranks(dist), candidates)
 
 
 def _per_image(

@@ -115,21 +115,20 @@ def _pixel_distances(rec: torch.Tensor, candidates: torch.Tensor) -> torch.Tenso
     return torch.cdist(r, c).square() / r.shape[1]
 
 
-def identification_ranks(
-    ordered_rec: torch.Tensor, truth: torch.Tensor, distances: torch.Tensor
-) -> list[int]:
-    """Per true image ``i``, the rank of ``truth[i]`` among the candidates by distance to its
-    matched reconstruction ``ordered_rec[i]``: 1 + the number of candidates strictly nearer.
+def identification_ranks(distances: torch.Tensor) -> list[int]:
+    """Per true image ``i``, its rank among the candidates by distance to its matched
+    reconstruction: 1 + the number of candidates strictly nearer.
 
-    ``distances`` is (B, B + P): columns 0..B-1 are the batch's true images, the rest the pool.
+    ``distances`` is (B, B + P), row ``i`` the distances of reconstruction ``i`` (matched to true
+    image ``i``): columns 0..B-1 are the batch's true images, the rest the pool.
     A candidate at the very same distance as the truth (a duplicate of it) does not push it down.
 
     Example:
         >>> d = torch.tensor([[0.0, 0.5, 0.2], [0.3, 0.1, 0.05]])
-        >>> identification_ranks(torch.zeros(2, 1), torch.zeros(2, 1), d)
+        >>> identification_ranks(d)
         [1, 2]
     """
-    n = truth.shape[0]
+    n = distances.shape[0]
     own = distances[torch.arange(n), torch.arange(n)].unsqueeze(1)
     return [int(v) + 1 for v in (distances < own).sum(dim=1).tolist()]
 
@@ -138,4 +137,4 @@ def pixel_ranks(ordered_rec: torch.Tensor, truth: torch.Tensor, ref: Reference) 
     """:func:`identification_ranks` in pixel space (mean squared difference) against the batch's
     true images and ``ref``'s pool; images (B, C, H, W) in [0, 1]."""
     candidates = torch.cat([truth.to(torch.float64), ref.pool.to(torch.float64)])
-    return identification_ranks(ordered_rec, truth, _pixel_distances(ordered_rec, candidates))
+    return identification_ranks(_pixel_distances(ordered_rec, candidates))
