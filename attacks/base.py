@@ -15,8 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from attacks.consensus import registered_mean
 from attacks.convolution import ExactConvolutions, exact_convolutions
-from attacks.metrics import flat_value
 from attacks.reconstruction import Reconstruction
+from attacks.scoring.metrics import flat_value
 from attacks.threat import AttackerCapabilities, Requirements
 from fl.simulation.normalization import denormalize
 from fl.simulation.observation import Observation
@@ -99,7 +99,7 @@ def build_reconstruction(
 ) -> Reconstruction:
     """The :class:`Reconstruction` of a chosen attempt: images denormalised to [0, 1] and
     clamped, images and labels on the CPU, and the observation's flat baseline value
-    (:func:`attacks.metrics.flat_value`) for scoring's ``psnr_gain``."""
+    (:func:`attacks.scoring.metrics.flat_value`) for scoring's ``psnr_gain``."""
     images = denormalize(best.inputs.detach(), obs.mean, obs.std).clamp(0, 1).cpu()
     return Reconstruction(
         images=images,

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from attacks.metrics import FLAT_VALUE
+from attacks.scoring.metrics import FLAT_VALUE
 
 
 @dataclass
@@ -26,7 +26,7 @@ class Reconstruction:
         extras: attack-specific values (e.g. DLM's learned scale).
         flat_value: per-channel value in [0, 1] of the flat baseline image that scoring's
             ``psnr_gain`` is measured against: the observation's normalisation mean, or 0.5
-            without normalisation (:func:`attacks.metrics.flat_value`). A public fact of the
+            without normalisation (:func:`attacks.scoring.metrics.flat_value`). A public fact of the
             observation, not of the private batch.
     """
 

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from attacks.labels import batch_labels, infer_labels, last_layer_of
-from attacks.metrics import flat_value
 from attacks.objectives import select_parameters
+from attacks.scoring.metrics import flat_value
 from fl.simulation.observation import Observation
 
 

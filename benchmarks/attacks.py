@@ -33,8 +33,8 @@ import _isolate  # noqa: F401  (first: keeps the attacks package importable)
 import torch
 
 from attacks import AttackerCapabilities, get_attack
-from attacks.metrics import score
 from attacks.samples import sample_images
+from attacks.scoring.metrics import score
 from fl import models
 from fl.simulation import observe_client_step, resolve_device, tune_allocator
 from fl.simulation.allocator import allocator_tuned
@@ -240,7 +240,7 @@ def compare_reference(
 def _as_reconstruction(x: torch.Tensor, obs: object) -> object:
     """Wrap a model-space image as a Reconstruction for the canonical scoring."""
     from attacks.base import Reconstruction
-    from attacks.metrics import flat_value
+    from attacks.scoring.metrics import flat_value
     from fl.simulation.normalization import denormalize
 
     return Reconstruction(

@@ -29,8 +29,8 @@ import torch
 
 from attacks import AttackerCapabilities, Reconstruction, get_attack
 from attacks.inverting_gradients import batching_obstacle
-from attacks.metrics import score
 from attacks.samples import sample_images
+from attacks.scoring.metrics import score
 from fl import models
 from fl.simulation import observe_client_step, resolve_device
 from fl.simulation.observation import GroundTruth, Observation

@@ -10,7 +10,7 @@ and the test accuracy are printed), batch size and method, the victim's client s
 observed in train mode (the FedSGD gradient, or ``--algorithm fedavg``: the weights after
 ``--local-steps`` SGD steps) with the input normalised by the training split's per-channel
 mean/std (photos: their own), each method reconstructs it, and the canonical metric protocol
-(``attacks.metrics.score``) scores it. Per row: the mean over ``--images`` victims (batch B:
+(``attacks.scoring.metrics.score``) scores it. Per row: the mean over ``--images`` victims (batch B:
 that many batches of B different images) of PSNR, PSNR gain over the flat image at the
 normalisation mean, PSNR gain over the population's mean image ("over mean": the per-pixel mean
 of the training split, disjoint from the test-split victims; for the photographs, of the crops
@@ -63,10 +63,10 @@ import _isolate  # noqa: F401  (first: keeps the attacks package importable)
 import torch
 
 from attacks import AttackConfigError, AttackerCapabilities, get_attack
-from attacks.metrics import flat_value, score, score_images
-from attacks.plots import save_pair_grid
-from attacks.population import Reference
 from attacks.samples import sample_images
+from attacks.scoring.metrics import flat_value, score, score_images
+from attacks.scoring.plots import save_pair_grid
+from attacks.scoring.population import Reference
 from fl import data, models
 from fl.simulation import (
     FederationConfig,

@@ -33,7 +33,7 @@ import _isolate  # noqa: F401  (first: keeps the attacks package importable)
 import torch
 
 from attacks import AttackerCapabilities, get_attack
-from attacks.metrics import score
+from attacks.scoring.metrics import score
 from defenses import available_defenses, get_defense
 from defenses.precode import PRECODE_AWARE_IGNORE
 from fl import data, models

@@ -22,9 +22,9 @@ import _isolate  # noqa: F401  (first: keeps the attacks package importable)
 import torch
 
 from attacks import AttackerCapabilities, get_attack
-from attacks.metrics import score
-from attacks.population import Reference
 from attacks.samples import sample_images
+from attacks.scoring.metrics import score
+from attacks.scoring.population import Reference
 from defenses import get_defense
 from defenses.precode import PRECODE_AWARE_IGNORE
 from fl import data, models

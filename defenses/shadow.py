@@ -25,7 +25,7 @@ from pydantic import Field
 from torch import nn
 
 from attacks import AttackerCapabilities, get_attack
-from attacks.metrics import match
+from attacks.scoring.metrics import match
 from defenses.base import Defense, DefenseParams, ParamSpec, register_defense
 from fl.simulation import ClientContext, normalize, observe_client_step
 
@@ -66,8 +66,8 @@ class InvertingGradientsShadow:
     (so the client's parameters and BatchNorm buffers are untouched); the attack's seed is drawn
     from ``ctx.generator``. Inverting Gradients recovers a batch only up to a permutation of
     same-label images, so the reconstructions are paired with the originals by one Hungarian
-    assignment on MSE (:func:`attacks.metrics.match`). Scoring against the truth is legitimate
-    here: it is the client looking at its own data, not an attacker.
+    assignment on MSE (:func:`attacks.scoring.metrics.match`). Scoring against the truth is
+    legitimate here: it is the client looking at its own data, not an attacker.
     """
 
     def __init__(self, iterations: int, tv: float) -> None:

@@ -7,7 +7,8 @@ Names used in ``objectives``, Parquet columns and MLflow:
   the ``none`` control has completed; not usable as a search objective);
 - privacy per attack (``<attack>`` is the attack's ``label`` or name): ``<attack>_psnr_mean``,
   ``_psnr_max``, ``_prior_gain_mean``, ``_prior_gain_max`` (the headline: PSNR minus the PSNR of
-  the population's mean image, what is known without any client; see :mod:`attacks.metrics`),
+  the population's mean image, what is known without any client; see
+  :mod:`attacks.scoring.metrics`),
   ``_identification_rate`` (share of images whose victim is the reconstruction's nearest
   neighbour among the reference pool, pixel space) and ``_identification_rate_lpips`` (LPIPS),
   ``_psnr_gain_mean``, ``_psnr_gain_max`` (PSNR minus the PSNR of a flat image at the dataset
@@ -133,7 +134,7 @@ def attack_summary(
 ) -> dict[str, float | None]:
     """Per-attack statistics over every attacked image (all rounds and victims).
 
-    ``images`` are per-image records (:func:`attacks.metrics.score`'s ``per_image`` or
+    ``images`` are per-image records (:func:`attacks.scoring.metrics.score`'s ``per_image`` or
     ``attacks.parquet`` rows); a statistic skips images without its value (``psnr_gain``,
     ``prior_gain``, ``identified``, ``id_rank_lpips``: None when none has one). Returns one value
     (or None) per name of :data:`PRIVACY`.

@@ -52,7 +52,7 @@ Column order: the fixed columns above, then `param_*` sorted by name, then metri
 | `client` | int64 | no | attacked client index |
 | `image_index` | int64 | no | index of the image within the client's batch |
 | `psnr` | float64 | no | PSNR (dB) of the matched reconstruction; must be finite |
-| `psnr_gain` | float64 | yes | `psnr` minus the PSNR of a flat image at the dataset mean (0.5 without normalisation) against the same true image (`attacks.metrics.flat_image_psnr`); a weak baseline; null in files written before it existed (schema version 1) |
+| `psnr_gain` | float64 | yes | `psnr` minus the PSNR of a flat image at the dataset mean (0.5 without normalisation) against the same true image (`attacks.scoring.metrics.flat_image_psnr`); a weak baseline; null in files written before it existed (schema version 1) |
 | `prior_psnr` | float64 | yes | PSNR of the population's mean image (the study's evaluation split) against the same true image: what is known without any client; null before schema version 3 |
 | `prior_ssim` | float64 | yes | SSIM of that mean image against the true image; null before schema version 3 |
 | `prior_gain` | float64 | yes | `psnr` minus `prior_psnr`: the headline gain; null before schema version 3 |
@@ -549,7 +549,7 @@ def attack_record(
 ) -> dict[str, Any]:
     """One ``attacks.parquet`` row without its ``trial_id``, in the columns of
     :data:`ATTACKS_SCHEMA`, from one scored image (an entry of
-    :func:`attacks.metrics.score`'s ``per_image``)."""
+    :func:`attacks.scoring.metrics.score`'s ``per_image``)."""
     values: dict[str, Any] = {
         "attack": attack,
         "round": round_index,

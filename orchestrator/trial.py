@@ -20,9 +20,9 @@ from typing import Any
 import torch
 
 from attacks import Reconstruction, get_attack
-from attacks.metrics import score
-from attacks.plots import save_pair_grid
-from attacks.population import MIN_POOL, Reference
+from attacks.scoring.metrics import score
+from attacks.scoring.plots import save_pair_grid
+from attacks.scoring.population import MIN_POOL, Reference
 from defenses import Defense, get_defense
 from fl import data as fl_data
 from fl import models as fl_models

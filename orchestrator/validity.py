@@ -1,8 +1,8 @@
 """Can a study rank defenses? Its undefended control must leak: if no attack says more about the
 victims than is known without any client, every defense lands on the front at "no leakage" and
 the front says nothing. What is known without a client is the population's mean image (the
-prior baseline of :mod:`attacks.metrics`), not a flat image: on chest X-rays the mean image alone
-beats a flat image by about 3 dB. The control passes when its strongest attack gains
+prior baseline of :mod:`attacks.scoring.metrics`), not a flat image: on chest X-rays the mean
+image alone beats a flat image by about 3 dB. The control passes when its strongest attack gains
 ``min_gain_db`` over the mean image on its best image, or identifies ``min_identified`` of its
 victims among the reference pool. Data in, data out: the verdict from the trials table and the
 study's thresholds.

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from attacks import AttackerCapabilities, ThreatModelError, available_attacks, get_attack
-from attacks.metrics import score
+from attacks.scoring.metrics import score
 from fl import models
 from fl.models.base import SplitModel
 from fl.simulation import observe_client_step

@@ -17,7 +17,6 @@ from attacks import (
 )
 from attacks.gradient import unrolled_update
 from attacks.labels import batch_labels, idlg_label
-from attacks.metrics import score
 from attacks.objectives import (
     cosine_distance,
     dummy_gradients,
@@ -25,6 +24,7 @@ from attacks.objectives import (
     normalized_l2_distance,
     select_parameters,
 )
+from attacks.scoring.metrics import score
 from attacks.setup import InversionSetup
 from fl import models
 from fl.simulation import normalize, observe_client_step

@@ -1,4 +1,5 @@
-"""Tests of the Obscura metric protocol (attacks.metrics), LPIPS loading and the pair-grid plot."""
+"""Tests of the Obscura metric protocol (attacks.scoring.metrics), LPIPS loading and the pair-grid
+plot."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from PIL import Image
 from skimage import color, data, transform
 from skimage.metrics import structural_similarity
 
-from attacks import lpips_net
-from attacks.lpips_net import (
+from attacks.scoring import lpips_net
+from attacks.scoring.lpips_net import (
     ENV_VAR,
     LpipsUnavailable,
     configure,
@@ -25,7 +26,7 @@ from attacks.lpips_net import (
     lpips_distance,
     lpips_matrix,
 )
-from attacks.metrics import (
+from attacks.scoring.metrics import (
     DEFAULT_SUCCESS_PSNR,
     FLAT_VALUE,
     PSNR_CAP,
@@ -37,7 +38,7 @@ from attacks.metrics import (
     score_images,
     ssim,
 )
-from attacks.plots import save_pair_grid
+from attacks.scoring.plots import save_pair_grid
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 BACKBONE_NAME = "weights/lpips_alexnet_features.pth"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from attacks.plots import save_pair_grid, wrap_title
+from attacks.scoring.plots import save_pair_grid, wrap_title
 
 
 def test_titles_wrap_between_words_and_keep_every_word() -> None:

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from attacks.metrics import flat_value, score_images
-from attacks.population import Reference, identification_ranks
+from attacks.scoring.metrics import flat_value, score_images
+from attacks.scoring.population import Reference, identification_ranks
 from fl import data
 
 SIZE = 32
@@ -118,7 +118,7 @@ def test_a_duplicate_of_the_victim_in_the_pool_does_not_hide_it() -> None:
 def test_lpips_ranks_from_the_cached_pool_equal_the_direct_matrix(xrays, shared_dir) -> None:
     """The pool's LPIPS features are computed once per reference: the ranks they give equal
     those of the full LPIPS matrix computed afresh."""
-    from attacks.lpips_net import lpips_matrix
+    from attacks.scoring.lpips_net import lpips_matrix
 
     victims, ref, _ = xrays
     gen = torch.Generator().manual_seed(1)

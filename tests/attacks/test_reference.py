@@ -7,11 +7,11 @@ import copy
 import torch
 
 from attacks import AttackerCapabilities, get_attack
-from attacks.metrics import score
 from attacks.objectives import cosine_distance, weighted_sq_norm
 from attacks.reconstruction import Reconstruction
 from attacks.reference import textbook_inverting_gradients
 from attacks.samples import sample_images
+from attacks.scoring.metrics import score
 from attacks.setup import InversionSetup
 from fl import models
 from fl.simulation import observe_client_step

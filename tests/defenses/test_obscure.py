@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from attacks import get_attack
-from attacks.metrics import score
 from attacks.samples import sample_images
+from attacks.scoring.metrics import score
 from defenses import DefenseConfigError, get_defense
 from defenses.obscure import Obscure, ObscureGenerator
 from fl import data, models
@@ -230,7 +230,7 @@ def test_idlg_reconstructs_the_obscured_image_not_the_original() -> None:
 
 
 class _Batch:
-    """Images and labels in the shape :func:`attacks.metrics.score` expects."""
+    """Images and labels in the shape :func:`attacks.scoring.metrics.score` expects."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         self.images = images

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from attacks import AttackerCapabilities, get_attack
-from attacks.metrics import score
 from attacks.samples import sample_images
+from attacks.scoring.metrics import score
 from defenses import DefenseConfigError, available_defenses, get_defense
 from defenses.precode import PRECODE_AWARE_IGNORE, Precode, VariationalBottleneck
 from fl import models

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from attacks import get_attack
-from attacks.metrics import score
 from attacks.samples import sample_images
+from attacks.scoring.metrics import score
 from defenses import DefenseConfigError, get_defense
 from defenses.soteria import Soteria, lowest_units, unit_scores
 from fl import models

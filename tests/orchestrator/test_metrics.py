@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from attacks.metrics import score_images
-from attacks.population import Reference
 from attacks.samples import sample_images
+from attacks.scoring.metrics import score_images
+from attacks.scoring.population import Reference
 from orchestrator.metrics import (
     PRIVACY,
     WORST,

@@ -155,7 +155,7 @@ def test_batched_victims_give_the_same_trial_as_separate_runs(tiny_study, monkey
     apart, so a victim mixed up in the batched path fails."""
     import orchestrator.trial as trial_module
     from attacks.inverting_gradients import InvertingGradients
-    from attacks.metrics import psnr
+    from attacks.scoring.metrics import psnr
 
     attack = {
         "name": "inverting_gradients",

@@ -14,7 +14,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from attacks.metrics import psnr as _psnr
+from attacks.scoring.metrics import psnr as _psnr
 
 __all__ = ["save_pair_grid"]
 
@@ -75,7 +75,7 @@ def save_pair_grid(
     in matched order (e.g. reordered by ``score()["assignment"]``). At most 8 pairs per row; more
     images wrap into further truth/reconstruction row pairs. Under each reconstruction its PSNR is
     printed: the values of ``psnr`` when given (one per image), else computed here with
-    :func:`attacks.metrics.psnr` on the shown pair. With ``truth_images=None`` only the
+    :func:`attacks.scoring.metrics.psnr` on the shown pair. With ``truth_images=None`` only the
     reconstructions are drawn (``psnr`` is then required): what ``log_images: reconstructions``
     stores, keeping the private originals out of tracking. Parent folders are created. Returns
     the path.

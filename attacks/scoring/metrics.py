@@ -20,7 +20,8 @@ uses one protocol for every attack and defense:
    uniform 7×7 window (``gaussian_weights=False``, skimage's default K1=0.01, K2=0.03,
    ``use_sample_covariance=True``), ``channel_axis=-1`` for colour images (mean over channels),
    on HWC float64 arrays; images whose shorter side is below 7 px use the largest odd window that
-   fits (at least 3 px is required). LPIPS: see :mod:`attacks.lpips_net` (lpips package, alex,
+   fits (at least 3 px is required). LPIPS: see :mod:`attacks.scoring.lpips_net` (lpips package,
+   alex,
    v0.1, ``normalize=True``, grey repeated to RGB, images under 32 px upsampled to 64 px).
 4. Label accuracy is the fraction of reordered reconstructed labels equal to the true labels. It is
    ``None`` (never NaN) when the attack gave no labels or no true labels were passed.
@@ -37,7 +38,8 @@ uses one protocol for every attack and defense:
    no better than painting the dataset mean; a perfect reconstruction gains ``100 - flat PSNR``.
 7. The prior baseline, the headline: a flat image is a weak "no information" guess (on chest
    X-rays the population's *mean image* beats it by 3 dB without any client). With a
-   :class:`~attacks.population.Reference` (images of the population disjoint from the victims),
+   :class:`~attacks.scoring.population.Reference` (images of the population disjoint from the
+   victims),
    every image also gets ``prior_psnr`` / ``prior_ssim`` (the reference's per-pixel mean image
    against the true image) and ``prior_gain`` = PSNR minus ``prior_psnr``; without one the prior
    is the flat image (``prior`` says which: ``"mean_image"`` or ``"flat"``). A reconstruction
@@ -62,8 +64,13 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from skimage.metrics import structural_similarity
 
-from attacks.lpips_net import LpipsUnavailable, lpips_features, lpips_from_features, lpips_matrix
-from attacks.population import Reference, identification_ranks, pixel_ranks
+from attacks.scoring.lpips_net import (
+    LpipsUnavailable,
+    lpips_features,
+    lpips_from_features,
+    lpips_matrix,
+)
+from attacks.scoring.population import Reference, identification_ranks, pixel_ranks
 
 __all__ = [
     "DEFAULT_SUCCESS_PSNR",
@@ -311,7 +318,8 @@ def match(
     """Hungarian-match reconstructions to ground truth; result[i] = reconstruction for true i.
 
     ``cost="lpips"`` minimises the total LPIPS distance (raises
-    :class:`~attacks.lpips_net.LpipsUnavailable` when LPIPS has no real weights); ``cost="mse"``
+    :class:`~attacks.scoring.lpips_net.LpipsUnavailable` when LPIPS has no real weights);
+    ``cost="mse"``
     the total mean squared error. Both batches are (B, C, H, W) in [0, 1] and are clamped.
     """
     rec, _ = _reconstruction_batch(rec_images)
@@ -368,9 +376,9 @@ def score_images(
 
     ``rec_images``, ``true_images``: (B, C, H, W) in [0, 1]; labels (B,) integers or None.
     ``lpips=False`` skips LPIPS (the assignment then uses MSE) run on ``device`` with the
-    ``lpips_backbone`` file (None: :func:`attacks.lpips_net.configure`); ``flat``: the flat
+    ``lpips_backbone`` file (None: :func:`attacks.scoring.lpips_net.configure`); ``flat``: the flat
     image of ``psnr_gain`` (:func:`flat_value`); ``reference``: the victims' population
-    (:class:`~attacks.population.Reference`, disjoint from them) for the prior baseline and
+    (:class:`~attacks.scoring.population.Reference`, disjoint from them) for the prior baseline and
     identification (points 7 and 8 of the module docstring). Returns a dict with
 
     * ``n_images``, ``assignment_cost`` (``"lpips"``/``"mse"``), ``assignment`` (list[int],

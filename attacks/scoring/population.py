@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from attacks.lpips_net import lpips_features
+from attacks.scoring.lpips_net import lpips_features
 
 __all__ = ["DEFAULT_POOL", "MIN_POOL", "Reference", "identification_ranks", "pixel_ranks"]
 
@@ -41,7 +41,7 @@ class Reference:
     """The population prior: the per-pixel ``mean_image`` (C, H, W) of ``size`` reference images
     and a ``pool`` (P, C, H, W) of them for identification, all float32 in [0, 1] on the CPU.
 
-    Build it with :meth:`from_images`; pass it to :func:`attacks.metrics.score_images`.
+    Build it with :meth:`from_images`; pass it to :func:`attacks.scoring.metrics.score_images`.
     """
 
     mean_image: torch.Tensor
@@ -96,8 +96,8 @@ class Reference:
     def pool_lpips_features(
         self, device: str | torch.device, backbone: str | os.PathLike[str] | None
     ) -> list[torch.Tensor]:
-        """The pool's LPIPS features (:func:`attacks.lpips_net.lpips_features`), computed once
-        per device and backbone: every scored batch compares its reconstructions with them."""
+        """The pool's LPIPS features (:func:`attacks.scoring.lpips_net.lpips_features`), computed
+        once per device and backbone: every scored batch compares its reconstructions with them."""
         key = (str(torch.device(device)), None if backbone is None else str(backbone))
         if key not in self._lpips:
             self._lpips[key] = lpips_features(self.pool, device=device, backbone=backbone)

@@ -121,7 +121,8 @@ def _resolve_backbone() -> tuple[Path, str]:
     Raises :class:`LpipsUnavailable` when the configured file is missing or the download fails.
     """
     if _OPTIONS.backbone_path is not None:
-        path, origin = _OPTIONS.backbone_path, "attacks.lpips_net.configure(backbone_path=...)"
+        path = _OPTIONS.backbone_path
+        origin = "attacks.scoring.lpips_net.configure(backbone_path=...)"
     elif os.environ.get(ENV_VAR):
         path, origin = Path(os.environ[ENV_VAR]).expanduser(), f"${ENV_VAR}"
     else:
@@ -129,7 +130,7 @@ def _resolve_backbone() -> tuple[Path, str]:
     if not path.is_file():
         raise LpipsUnavailable(
             f"LPIPS AlexNet backbone file not found: {path} (set by {origin}). Point "
-            f"{ENV_VAR} or attacks.lpips_net.configure(backbone_path=...) at a torchvision "
+            f"{ENV_VAR} or attacks.scoring.lpips_net.configure(backbone_path=...) at a torchvision "
             "AlexNet state dict with features.{0,3,6,8,10}.{weight,bias} tensors."
         )
     return path, origin
@@ -141,8 +142,8 @@ def _hub_backbone() -> tuple[Path, str]:
     if cached.is_file():
         return cached, "torch hub cache"
     hint = (
-        f"set {ENV_VAR} (or call attacks.lpips_net.configure(backbone_path=...)) to a local "
-        "torchvision AlexNet features state dict file, e.g. shared/weights/"
+        f"set {ENV_VAR} (or call attacks.scoring.lpips_net.configure(backbone_path=...)) to a "
+        "local torchvision AlexNet features state dict file, e.g. shared/weights/"
         "lpips_alexnet_features.pth"
     )
     if not _OPTIONS.allow_download:
