@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, ClassVar, Generic, Literal, TypeVar, cast
 
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fl.simulation.hooks import ClientHooks
 
@@ -34,11 +34,13 @@ class ParamSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    type: Literal["float", "int", "categorical"]
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-    choices: tuple[Any, ...] | None = None
+    type: Literal["float", "int", "categorical"] = Field(
+        description="float or int (low..high, inclusive) or categorical (one of choices)."
+    )
+    low: float | None = Field(None, description="Lower end of a float or int range.")
+    high: float | None = Field(None, description="Upper end of a float or int range.")
+    log: bool = Field(False, description="Sample on a log scale (needs low > 0).")
+    choices: tuple[Any, ...] | None = Field(None, description="A categorical range's values.")
 
     @model_validator(mode="after")
     def _check(self) -> ParamSpec:

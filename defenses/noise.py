@@ -49,7 +49,9 @@ class GradientNoiseParams(DefenseParams):
     of the variances DLG sweeps (1e-4..1e-1); the search range covers that sweep and beyond."""
 
     scale: float = Field(1e-2, ge=0, description="Gaussian std or Laplace scale b.")
-    distribution: Distribution = "gaussian"
+    distribution: Distribution = Field(
+        "gaussian", description="gaussian (scale is the std) or laplace (scale is b)."
+    )
 
 
 @register_defense("gradient_noise")

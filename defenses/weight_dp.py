@@ -40,7 +40,9 @@ class WeightDPParams(DefenseParams):
 
     clip: float = Field(0.2, gt=0, description="Maximum L2 norm of each row of the update.")
     scale: float = Field(1e-3, ge=0, description="Gaussian std or Laplace scale b of the noise.")
-    distribution: Distribution = "laplace"
+    distribution: Distribution = Field(
+        "laplace", description="laplace (scale is b) or gaussian (scale is the std)."
+    )
 
 
 @register_defense("weight_dp")

@@ -63,10 +63,23 @@ class DataSection(BaseModel):
 
     model_config = _strict()
 
-    dataset: str
-    root: Path = Path("~/.cache/obscura/data")
-    download: bool = False
-    image_size: int | None = Field(None, ge=8, le=512)
+    dataset: str = Field(
+        description="A registered dataset (python -m orchestrator list), or 'folder' for your "
+        "own images."
+    )
+    root: Path = Field(
+        Path("~/.cache/obscura/data"),
+        description="Where the dataset files are (or go, with download); made absolute.",
+    )
+    download: bool = Field(
+        False, description="Download missing files from the official source (checksum verified)."
+    )
+    image_size: int | None = Field(
+        None,
+        ge=8,
+        le=512,
+        description="Resize the images to this side length at load time (default: native size).",
+    )
 
     @field_validator("dataset")
     @classmethod
@@ -87,7 +100,11 @@ class ModelSection(BaseModel):
 
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
-    name: str
+    name: str = Field(
+        description="A registered model; every other key of the section is one of its options "
+        "(width, norm, hidden, ...). It is built on PyTorch's meta device at validation (no "
+        f"memory): a bad option or more than {MAX_MODEL_PARAMETERS:.0e} parameters is refused."
+    )
 
     @field_validator("name")
     @classmethod
@@ -121,21 +138,34 @@ class AttackSection(BaseModel):
 
     model_config = _strict()
 
-    name: str
+    name: str = Field(description="A registered attack (python -m orchestrator list).")
     label: str | None = Field(
         None,
         pattern=NAME_PATTERN,
         description="Name used in metric names and image file names (default: name): letters, "
         "digits, '_', '-', '.', no '..'.",
     )
-    rounds: list[int] = Field(default_factory=lambda: [0])
-    victims: int = Field(1, ge=1)
+    rounds: list[int] = Field(
+        default_factory=lambda: [0],
+        description="0-based rounds whose captured client messages are attacked (each below "
+        "federation.rounds).",
+    )
+    victims: int = Field(
+        1,
+        ge=1,
+        description="Clients attacked in each of those rounds, the first in sampling order (at "
+        "most federation.clients_per_round).",
+    )
     params: dict[str, Any] = Field(
         default_factory=dict,
         description=f"The attack's parameters (python -m orchestrator list); iterations at "
         f"most {MAX_ITERATIONS}, restarts at most {MAX_RESTARTS}; no seed (the study's).",
     )
-    capabilities: AttackerCapabilities = Field(default_factory=AttackerCapabilities)
+    capabilities: AttackerCapabilities = Field(
+        default_factory=AttackerCapabilities,
+        description="What the attacker is granted beyond the observation (labels, learning "
+        "rate, local steps, batch size, the returned BatchNorm buffers).",
+    )
     batch_victims: Literal["auto", "on", "off"] = Field(
         "off",
         description="Reconstruct this attack's victims in one batched optimisation (Inverting "
@@ -198,8 +228,11 @@ class ObjectiveSection(BaseModel):
 
     model_config = _strict()
 
-    metric: str
-    mode: Literal["min", "max"]
+    metric: str = Field(
+        description="A trial metric (e.g. test_accuracy, attack_prior_gain_max) or a custom "
+        "objective's name."
+    )
+    mode: Literal["min", "max"] = Field(description="Minimise or maximise it.")
 
 
 class SearchSection(BaseModel):
@@ -207,7 +240,9 @@ class SearchSection(BaseModel):
 
     model_config = _strict()
 
-    sampler: Literal["nsga2", "tpe", "gp", "random"] = "nsga2"
+    sampler: Literal["nsga2", "tpe", "gp", "random"] = Field(
+        "nsga2", description="Optuna's sampler, seeded with the study's seed."
+    )
     trials: int = Field(8, ge=1, le=MAX_TRIALS, description=f"Trials (at most {MAX_TRIALS}).")
     concurrency: int = Field(
         1, ge=1, le=MAX_CONCURRENCY, description=f"Trials at once (at most {MAX_CONCURRENCY})."
@@ -238,8 +273,19 @@ class TrackingSection(BaseModel):
 
     model_config = _strict()
 
-    mlflow_uri: str = "sqlite:///mlflow.db"
-    log_images: Literal["pairs", "reconstructions", "none"] = "pairs"
+    mlflow_uri: str = Field(
+        "sqlite:///mlflow.db",
+        description="Any MLflow tracking URI; relative SQLite paths are made absolute. No "
+        "password in it (user:password@ is refused and never echoed): set "
+        "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD for an http(s) server, or the "
+        "database's own mechanism (e.g. PGPASSWORD, ~/.pgpass).",
+    )
+    log_images: Literal["pairs", "reconstructions", "none"] = Field(
+        "pairs",
+        description="Images stored in MLflow and the output folder: 'pairs' (ground truth above "
+        "reconstruction: clients' private training images), 'reconstructions' or 'none'. Use "
+        "'reconstructions' or 'none' for real patient data.",
+    )
 
     @field_validator("mlflow_uri")
     @classmethod
@@ -301,25 +347,60 @@ class StudyConfig(BaseModel):
 
     model_config = _strict()
 
-    study: str = Field(pattern=NAME_PATTERN)
+    study: str = Field(
+        pattern=NAME_PATTERN,
+        description="Name: the MLflow experiment and the output sub-folder (letters, digits, "
+        "'_', '.', '-'; starts with a letter or digit).",
+    )
     seed: int = Field(
-        0, ge=0, lt=SEED_LIMIT, description="Seed of everything random, in [0, 2**32)."
+        0,
+        ge=0,
+        lt=SEED_LIMIT,
+        description="Seeds the model initialisation, the partition, client sampling, the "
+        "attacks and the Optuna sampler; in [0, 2**32).",
     )
     plugins: list[Annotated[str, Field(pattern=MODULE_PATTERN)]] = Field(
         default_factory=list, description="Modules imported first (custom defenses, attacks)."
     )
-    data: DataSection
-    model: ModelSection
-    federation: FederationConfig
-    defenses: dict[str, dict[str, ParamValue]]
-    attacks: list[AttackSection]
-    objectives: list[ObjectiveSection]
-    search: SearchSection = Field(default_factory=SearchSection)
-    resources: ResourcesSection = Field(default_factory=ResourcesSection)
-    tracking: TrackingSection = Field(default_factory=TrackingSection)
-    validity: ValiditySection = Field(default_factory=ValiditySection)
-    output: Path = Path("results")
-    device: str = "auto"
+    data: DataSection = Field(description="The dataset, where its files are, the image size.")
+    model: ModelSection = Field(description="The model: its name and options.")
+    federation: FederationConfig = Field(
+        description="The federated run: algorithm, clients, rounds, local work, partition."
+    )
+    defenses: dict[str, dict[str, ParamValue]] = Field(
+        description="Defense name -> its hyperparameters, each a constant or a search range "
+        "{type: float|int|categorical, low, high, log, choices}; 'none: {}' is the control."
+    )
+    attacks: list[AttackSection] = Field(
+        description="The attacks run on the captured client messages (at least one)."
+    )
+    objectives: list[ObjectiveSection] = Field(
+        description="Two or more {metric, mode}, each metric once: the search's Pareto front is "
+        "over them."
+    )
+    search: SearchSection = Field(
+        default_factory=SearchSection, description="How Optuna explores the space."
+    )
+    resources: ResourcesSection = Field(
+        default_factory=ResourcesSection, description="What each trial asks Ray for."
+    )
+    tracking: TrackingSection = Field(
+        default_factory=TrackingSection,
+        description="MLflow, and which private images may be stored there.",
+    )
+    validity: ValiditySection = Field(
+        default_factory=ValiditySection,
+        description="When the undefended control counts as broken, so the front can rank "
+        "defenses.",
+    )
+    output: Path = Field(
+        Path("results"), description="Results go to output/<study>/ (made absolute)."
+    )
+    device: str = Field(
+        "auto",
+        description="'auto' (the GPU Ray assigned, else the CPU), 'cpu', 'cuda', 'cuda:N' or "
+        "'mps'.",
+    )
     success_psnr: float = Field(
         20.0, ge=0, le=200, description="PSNR (dB, 0-200) above which an attack succeeds."
     )

@@ -19,7 +19,11 @@ class PartitionConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    scheme: Literal["iid", "dirichlet", "shards"] = "iid"
+    scheme: Literal["iid", "dirichlet", "shards"] = Field(
+        "iid",
+        description="iid, dirichlet (label skew set by alpha) or shards (shards_per_client "
+        "label shards per client).",
+    )
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (smaller = more skew).")
     shards_per_client: int = Field(
         2, ge=1, le=10_000, description="Label shards (~classes) per client (at most 10000)."
@@ -41,18 +45,44 @@ class FederationConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    algorithm: Literal["fedsgd", "fedavg"] = "fedavg"
-    clients: int = Field(10, ge=1, le=MAX_CLIENTS, description=f"At most {MAX_CLIENTS}.")
-    clients_per_round: int = Field(
-        10, ge=1, le=MAX_CLIENTS, description=f"At most {MAX_CLIENTS} (and clients)."
+    algorithm: Literal["fedsgd", "fedavg"] = Field(
+        "fedavg",
+        description="'fedsgd' (clients send a batch's gradient) or 'fedavg' (clients send their "
+        "new weights after local SGD).",
     )
-    rounds: int = Field(5, ge=1, le=MAX_ROUNDS, description=f"At most {MAX_ROUNDS}.")
-    local_epochs: int = Field(1, ge=1, le=MAX_STEPS, description=f"At most {MAX_STEPS}.")
-    local_steps: int | None = Field(None, ge=1, le=MAX_STEPS, description=f"At most {MAX_STEPS}.")
-    batch_size: int = Field(32, ge=1, le=MAX_STEPS, description=f"At most {MAX_STEPS}.")
-    lr: float = Field(0.01, gt=0)
-    server_lr: float = Field(1.0, gt=0)
-    partition: PartitionConfig = Field(default_factory=PartitionConfig)
+    clients: int = Field(
+        10, ge=1, le=MAX_CLIENTS, description=f"Clients in the federation (at most {MAX_CLIENTS})."
+    )
+    clients_per_round: int = Field(
+        10, ge=1, le=MAX_CLIENTS, description="Clients sampled each round (at most clients)."
+    )
+    rounds: int = Field(
+        5, ge=1, le=MAX_ROUNDS, description=f"Rounds of training (at most {MAX_ROUNDS})."
+    )
+    local_epochs: int = Field(
+        1,
+        ge=1,
+        le=MAX_STEPS,
+        description=f"FedAvg local epochs per round; local_steps overrides them (at most "
+        f"{MAX_STEPS}).",
+    )
+    local_steps: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_STEPS,
+        description=f"FedAvg: exactly this many local SGD steps per round (at most {MAX_STEPS}).",
+    )
+    batch_size: int = Field(
+        32, ge=1, le=MAX_STEPS, description=f"Client batch size (at most {MAX_STEPS})."
+    )
+    lr: float = Field(0.01, gt=0, description="Clients' SGD learning rate.")
+    server_lr: float = Field(
+        1.0, gt=0, description="Server step: the global model moves by it times the mean update."
+    )
+    partition: PartitionConfig = Field(
+        default_factory=PartitionConfig,
+        description="How the training split is divided among the clients.",
+    )
     eval_batch_size: int = Field(
         64,
         ge=1,
@@ -115,7 +145,18 @@ class CaptureConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    rounds: list[int] = Field(default_factory=list)
-    victims: int = Field(1, ge=0)
-    pairs: list[tuple[int, int]] = Field(default_factory=list)
-    reveal_labels: bool = False
+    rounds: list[int] = Field(
+        default_factory=list, description="0-based rounds in which client steps are captured."
+    )
+    victims: int = Field(
+        1, ge=0, description="Clients captured in each listed round, the first in sampling order."
+    )
+    pairs: list[tuple[int, int]] = Field(
+        default_factory=list,
+        description="Extra (round, client_id) steps, captured if that client is sampled then.",
+    )
+    reveal_labels: bool = Field(
+        False,
+        description="Put the private labels in the observation (an attacker who knows them); "
+        "otherwise they stay in the ground truth.",
+    )
