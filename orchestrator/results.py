@@ -51,25 +51,15 @@ Column order: the fixed columns above, then `param_*` sorted by name, then metri
 | `round` | int64 | no | FL round of the attacked client message |
 | `client` | int64 | no | attacked client index |
 | `image_index` | int64 | no | index of the image within the client's batch |
-| `psnr` | float64 | no | PSNR (dB) of the matched reconstruction; must be finite |
-| `psnr_gain` | float64 | yes | `psnr` minus the PSNR of a flat image at the dataset mean (0.5 without normalisation) against the same true image (`attacks.scoring.metrics.flat_image_psnr`); a weak baseline; null in files written before it existed (schema version 1) |
-| `prior_psnr` | float64 | yes | PSNR of the population's mean image (the study's evaluation split) against the same true image: what is known without any client; null before schema version 3 |
-| `prior_ssim` | float64 | yes | SSIM of that mean image against the true image; null before schema version 3 |
-| `prior_gain` | float64 | yes | `psnr` minus `prior_psnr`: the headline gain; null before schema version 3 |
-| `ssim` | float64 | no | SSIM of the matched reconstruction; must be finite |
-| `lpips` | float64 | yes | LPIPS distance; null when LPIPS was unavailable |
-| `id_rank` | int64 | yes | rank (1 = nearest) of the true image among the batch's images and the reference pool by pixel distance to the reconstruction; null before schema version 3 |
-| `id_rank_lpips` | int64 | yes | the same rank by LPIPS; null without LPIPS or before schema version 3 |
-| `identified` | bool | yes | `id_rank` is 1: the reconstruction picks its victim out of the pool; null before schema version 3 |
-| `label_correct` | bool | yes | inferred label correct; null when labels were not scored |
+| `<metric>` | per metric | per metric | one column per per-image metric of `attacks.scoring.table.METRICS`, in its order (`psnr`, `psnr_gain`, `prior_psnr`, `prior_ssim`, `prior_gain`, `ssim`, `lpips`, `id_rank`, `id_rank_lpips`, `identified`, `label_correct`); its type, nullability, meaning and schema version are declared there (the documentation's metric reference is generated from it) |
 | `seconds` | float64 | no | wall-clock seconds of the attack on this batch |
 | `diverged` | bool | no | the attack stopped on a NaN/inf (scored anyway) |
 
 (`attack`, `round`, `client`, `image_index`) is unique within a trial.
 
-**Schema versions.** Tables carry ``obscura.schema_version`` in their Parquet metadata. Version 2
-added `attacks.psnr_gain`, version 3 the population prior and identification columns
-(`prior_psnr`, `prior_ssim`, `prior_gain`, `id_rank`, `id_rank_lpips`, `identified`). An older
+**Schema versions.** Tables carry ``obscura.schema_version`` in their Parquet metadata (the
+metric table's ``SCHEMA_VERSION``). Each metric says which version added its column (version 2
+added `attacks.psnr_gain`, version 3 the population prior and identification columns). An older
 `attacks.parquet` (without them) still loads, its rows read back with those columns null, and the
 next write stores it in the current schema.
 """  # noqa: E501 (Markdown tables, one row per line)
@@ -91,6 +81,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from attacks.scoring.table import METRICS, SCHEMA_VERSION, ImageMetric
 
 __all__ = [
     "ATTACKS_FILE",
@@ -146,6 +138,12 @@ ROUNDS_FIXED_FIELDS: tuple[pa.Field, ...] = (
 )
 """Fixed leading columns of ``rounds.parquet``; nullable float64 metric columns follow."""
 
+_ARROW_TYPES: dict[str, pa.DataType] = {
+    "float64": pa.float64(),
+    "int64": pa.int64(),
+    "bool": pa.bool_(),
+}
+
 ATTACKS_SCHEMA: pa.Schema = pa.schema(
     [
         pa.field("trial_id", pa.string(), nullable=False),
@@ -153,24 +151,15 @@ ATTACKS_SCHEMA: pa.Schema = pa.schema(
         pa.field("round", pa.int64(), nullable=False),
         pa.field("client", pa.int64(), nullable=False),
         pa.field("image_index", pa.int64(), nullable=False),
-        pa.field("psnr", pa.float64(), nullable=False),
-        pa.field("psnr_gain", pa.float64(), nullable=True),
-        pa.field("prior_psnr", pa.float64(), nullable=True),
-        pa.field("prior_ssim", pa.float64(), nullable=True),
-        pa.field("prior_gain", pa.float64(), nullable=True),
-        pa.field("ssim", pa.float64(), nullable=False),
-        pa.field("lpips", pa.float64(), nullable=True),
-        pa.field("id_rank", pa.int64(), nullable=True),
-        pa.field("id_rank_lpips", pa.int64(), nullable=True),
-        pa.field("identified", pa.bool_(), nullable=True),
-        pa.field("label_correct", pa.bool_(), nullable=True),
+        *(pa.field(m.name, _ARROW_TYPES[m.dtype], nullable=m.nullable) for m in METRICS),
         pa.field("seconds", pa.float64(), nullable=False),
         pa.field("diverged", pa.bool_(), nullable=False),
     ]
 )
-"""Complete schema of ``attacks.parquet`` (no dynamic columns)."""
+"""Complete schema of ``attacks.parquet`` (no dynamic columns): one column per metric of
+:data:`attacks.scoring.table.METRICS`."""
 
-_TABLE_METADATA = {b"obscura.schema_version": b"3"}
+_TABLE_METADATA = {b"obscura.schema_version": str(SCHEMA_VERSION).encode()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -428,16 +417,20 @@ def _param_type(name: str, values: Iterable[Any], previous: pa.DataType | None) 
 _TRIAL_FIXED_NAMES = tuple(TRIALS_FIXED_SCHEMA.names)
 _ROUNDS_FIXED_NAMES = tuple(f.name for f in ROUNDS_FIXED_FIELDS)
 _ATTACK_NAMES = tuple(ATTACKS_SCHEMA.names)
-_ATTACK_ADDED = frozenset(
-    {"psnr_gain", "prior_psnr", "prior_ssim", "prior_gain"}
-    | {"id_rank", "id_rank_lpips", "identified"}
-)
+_ATTACK_ADDED = frozenset(m.name for m in METRICS if m.schema_version > 1)
 """``attacks.parquet`` columns added after schema version 1: older files lack them (read: null)."""
-_ATTACK_OPTIONAL = frozenset({"lpips", "label_correct"}) | _ATTACK_ADDED
-_ATTACK_FLOATS = ("psnr_gain", "prior_psnr", "prior_ssim", "prior_gain")
-"""Optional float64 columns of ``attacks.parquet`` (null when not measured)."""
-_ATTACK_RANKS = ("id_rank", "id_rank_lpips")
-"""Optional int64 columns of ``attacks.parquet``: identification ranks."""
+_ATTACK_OPTIONAL = frozenset(m.name for m in METRICS if m.nullable) | _ATTACK_ADDED
+
+
+def _metric_value(metric: ImageMetric, value: Any, where: str) -> Any:
+    """One image's value of ``metric`` in its stored type (None allowed where nullable)."""
+    if metric.dtype == "float64":
+        if metric.nullable:
+            return _float_or_null(value, where)
+        return _required_float(value, where)
+    if metric.dtype == "int64":
+        return _int_or_null(value, where) if metric.nullable else _required_int(value, where)
+    return _bool_or_null(value, where, required=not metric.nullable)
 
 
 def _normalise_trial(row: Mapping[str, Any], previous: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -524,15 +517,7 @@ def _normalise_attack(trial_id: str, row: Mapping[str, Any], index: int) -> dict
         "round": _required_int(get("round"), f"{where}: round"),
         "client": _required_int(get("client"), f"{where}: client"),
         "image_index": _required_int(get("image_index"), f"{where}: image_index"),
-        "psnr": _required_float(get("psnr"), f"{where}: psnr"),
-        **{k: _float_or_null(get(k), f"{where}: {k}") for k in _ATTACK_FLOATS},
-        "ssim": _required_float(get("ssim"), f"{where}: ssim"),
-        "lpips": _float_or_null(get("lpips"), f"{where}: lpips"),
-        **{k: _int_or_null(get(k), f"{where}: {k}") for k in _ATTACK_RANKS},
-        "identified": _bool_or_null(get("identified"), f"{where}: identified", required=False),
-        "label_correct": _bool_or_null(
-            get("label_correct"), f"{where}: label_correct", required=False
-        ),
+        **{m.name: _metric_value(m, get(m.name), f"{where}: {m.name}") for m in METRICS},
         "seconds": _required_float(get("seconds"), f"{where}: seconds"),
         "diverged": _bool_or_null(get("diverged"), f"{where}: diverged", required=True),
     }
@@ -555,17 +540,18 @@ def attack_record(
         "round": round_index,
         "client": client,
         "image_index": int(image["index"]),
-        "psnr": float(image["psnr"]),
-        **{k: None if image.get(k) is None else float(image[k]) for k in _ATTACK_FLOATS},
-        "ssim": float(image["ssim"]),
-        "lpips": None if image.get("lpips") is None else float(image["lpips"]),
-        **{k: None if image.get(k) is None else int(image[k]) for k in _ATTACK_RANKS},
-        "identified": None if image.get("identified") is None else bool(image["identified"]),
-        "label_correct": image.get("label_correct"),
+        **{m.name: _record_value(m, image.get(m.name)) for m in METRICS},
         "seconds": seconds,
         "diverged": bool(diverged),
     }
     return {name: values[name] for name in _ATTACK_NAMES[1:]}
+
+
+def _record_value(metric: ImageMetric, value: Any) -> Any:
+    """A scored image's value of ``metric`` as its Python type (None stays None)."""
+    if value is None:
+        return None
+    return {"float64": float, "int64": int, "bool": bool}[metric.dtype](value)
 
 
 def _check_unique(rows: Sequence[Mapping[str, Any]], key: Sequence[str], where: str) -> None:

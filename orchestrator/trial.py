@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from attacks import Reconstruction, get_attack
+from attacks.inverting_gradients import batch_victims
 from attacks.scoring.metrics import score
 from attacks.scoring.plots import save_pair_grid
 from attacks.scoring.population import MIN_POOL, Reference
@@ -100,22 +101,6 @@ def _peak_memory_mb(device: torch.device) -> float:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024.0
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def _batch_victims(mode: str, device: torch.device) -> bool:
-    """Whether an attack's victims go into one batched optimisation: ``on``, ``off``, or
-    ``auto`` = on a GPU (on a CPU the batched loop measured slower than separate runs). Both
-    are opt-ins (the default is ``off``); on CUDA the batched path is not yet verified against
-    separate runs, which a warning says."""
-    batched = mode == "on" or (mode == "auto" and device.type == "cuda")
-    if batched and device.type == "cuda":
-        log.warning(
-            "batch_victims=%s on %s: not yet verified against separate runs on a GPU "
-            "(benchmarks/gpu_check.py checks it); 'off' runs the victims one by one",
-            mode,
-            device,
-        )
-    return batched
 
 
 def run_trial(
@@ -262,7 +247,7 @@ def _attack(
         reconstructions = attack.run_many(
             [o for o, _ in chosen],
             spec.capabilities,
-            batched=len(chosen) > 1 and _batch_victims(spec.batch_victims, device),
+            batched=len(chosen) > 1 and batch_victims(spec.batch_victims, device),
         )  # batched where the attack has such a path and the victims allow it
         rows: list[dict[str, Any]] = []
         for (obs, truth), rec in zip(chosen, reconstructions, strict=True):
@@ -286,7 +271,7 @@ def _attack(
                 attack_record(
                     spec.key, obs.round, obs.client, img, seconds=rec.seconds, diverged=rec.diverged
                 )
-                for img in s["per_image"]
+                for img in s.per_image
             )
             if image_dir is not None and config.tracking.log_images != "none":
                 out.images.append(_save_grid(config, spec.key, obs, truth, rec, s, image_dir))

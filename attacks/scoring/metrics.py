@@ -56,28 +56,33 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Sequence
-from typing import Any, Literal, NamedTuple
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
-from skimage.metrics import structural_similarity
 
-from attacks.scoring.lpips_net import (
-    LpipsUnavailable,
-    lpips_features,
-    lpips_from_features,
-    lpips_matrix,
+from attacks.scoring._primitives import (
+    PSNR_CAP,
+    SSIM_WIN_SIZE,
+    flat_psnrs,
+    psnr_array,
+    ssim_array,
 )
-from attacks.scoring.population import Reference, identification_ranks, pixel_ranks
+from attacks.scoring.lpips_net import LpipsUnavailable, lpips_matrix
+from attacks.scoring.population import Reference
+from attacks.scoring.table import ScoringContext, Value, compute, summarise
 
 __all__ = [
     "DEFAULT_SUCCESS_PSNR",
     "FLAT_VALUE",
     "PSNR_CAP",
     "SSIM_WIN_SIZE",
+    "ImageScore",
     "Reference",
+    "Score",
     "flat_image_psnr",
     "flat_value",
     "match",
@@ -89,14 +94,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-PSNR_CAP = 100.0
-"""PSNR (dB) reported for identical images and the upper bound of every PSNR (never ``inf``)."""
-
 DEFAULT_SUCCESS_PSNR = 20.0
 """Default PSNR (dB) at or above which a reconstruction counts as a success."""
-
-SSIM_WIN_SIZE = 7
-"""SSIM uniform window side (px); smaller images use the largest odd side that fits."""
 
 FLAT_VALUE = 0.5
 """Per-channel value (mid grey) of the flat baseline image for inputs without normalisation."""
@@ -153,37 +152,6 @@ def _single_image(image: Any, name: str) -> np.ndarray:
 # --------------------------------------------------------------------------- PSNR / SSIM
 
 
-def _psnr_np(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR (dB, data range 1) of two equally shaped arrays in [0, 1], capped at PSNR_CAP."""
-    mse = float(np.mean((a - b) ** 2))
-    if mse <= 0.0:
-        return PSNR_CAP
-    return min(10.0 * math.log10(1.0 / mse), PSNR_CAP)
-
-
-def _ssim_window(height: int, width: int) -> int:
-    """Return the SSIM window side: 7, or the largest odd side <= min(H, W) for small images."""
-    side = min(height, width)
-    if side >= SSIM_WIN_SIZE:
-        return SSIM_WIN_SIZE
-    win = side if side % 2 == 1 else side - 1
-    if win < 3:
-        raise ValueError(f"SSIM needs images of at least 3x3 px, got {height}x{width}")
-    return win
-
-
-def _ssim_np(a: np.ndarray, b: np.ndarray) -> float:
-    """SSIM of two HWC float64 arrays in [0, 1] (protocol settings, see module docstring)."""
-    if a.shape != b.shape:
-        raise ValueError(f"images differ in shape: {a.shape} and {b.shape}")
-    win = _ssim_window(a.shape[0], a.shape[1])
-    if a.shape[2] == 1:
-        value = structural_similarity(a[..., 0], b[..., 0], data_range=1.0, win_size=win)
-    else:
-        value = structural_similarity(a, b, data_range=1.0, win_size=win, channel_axis=-1)
-    return float(value)
-
-
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """PSNR in dB of two (C, H, W) images in [0, 1] (clamped), data range 1.
 
@@ -193,7 +161,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     x, y = _single_image(a, "a"), _single_image(b, "b")
     if x.shape != y.shape:
         raise ValueError(f"images differ in shape: {x.shape} and {y.shape}")
-    return _psnr_np(x, y)
+    return psnr_array(x, y)
 
 
 def ssim(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -203,7 +171,7 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> float:
     other defaults (K1=0.01, K2=0.03, sample covariance); ``channel_axis=-1`` (mean over channels)
     for C > 1; images whose shorter side is under 7 px use the largest odd window that fits.
     """
-    return _ssim_np(_single_image(a, "a"), _single_image(b, "b"))
+    return ssim_array(_single_image(a, "a"), _single_image(b, "b"))
 
 
 # --------------------------------------------------------------------------- flat baseline
@@ -249,14 +217,6 @@ def _flat_channels(value: FlatValue, channels: int) -> np.ndarray:
     return np.clip(arr, 0.0, 1.0)
 
 
-def _flat_psnrs(truth: torch.Tensor, channels: np.ndarray) -> list[float]:
-    """Per image of a clamped (B, C, H, W) float64 truth batch, the PSNR of the flat image with
-    per-channel values ``channels`` (from :func:`_flat_channels`)."""
-    truth_np = truth.permute(0, 2, 3, 1).numpy()
-    flat = np.broadcast_to(channels, truth_np.shape[1:])
-    return [_psnr_np(flat, truth_np[i]) for i in range(truth_np.shape[0])]
-
-
 def flat_image_psnr(true_images: torch.Tensor, value: FlatValue = FLAT_VALUE) -> list[float]:
     """PSNR (dB) of a flat image at ``value`` against each true image: the ``psnr_gain`` baseline.
 
@@ -276,7 +236,7 @@ def flat_image_psnr(true_images: torch.Tensor, value: FlatValue = FLAT_VALUE) ->
         [20.0]
     """
     truth = _truth_batch(true_images)
-    return _flat_psnrs(truth, _flat_channels(value, truth.shape[1]))
+    return flat_psnrs(truth, _flat_channels(value, truth.shape[1]))
 
 
 # --------------------------------------------------------------------------- assignment
@@ -350,13 +310,61 @@ def _labels(labels: Any, n: int, name: str) -> np.ndarray | None:
     return arr
 
 
-def _summary(values: Sequence[float] | None, stats: Sequence[str]) -> list[float | None]:
-    """Return the requested statistics of ``values`` as Python floats (None when no values)."""
-    if values is None:
-        return [None] * len(stats)
-    arr = np.asarray(values, dtype=np.float64)
-    funcs = {"mean": np.mean, "median": np.median, "max": np.max, "min": np.min}
-    return [float(funcs[s](arr)) for s in stats]
+@dataclass(frozen=True, eq=False)
+class ImageScore(Mapping[str, Any]):
+    """One true image's scores: ``index`` (its place in the client's batch) and one value per
+    metric of :data:`attacks.scoring.table.METRICS` (None where not measured). Reads like the
+    mapping it replaces: ``image["psnr"]``, ``image.get("lpips")``."""
+
+    index: int
+    values: Mapping[str, Value]
+
+    def __getitem__(self, key: str) -> Any:
+        return self.index if key == "index" else self.values[key]
+
+    def __iter__(self) -> Iterator[str]:
+        yield "index"
+        yield from self.values
+
+    def __len__(self) -> int:
+        return 1 + len(self.values)
+
+
+@dataclass(frozen=True, eq=False)
+class Score(Mapping[str, Any]):
+    """A scored batch (see :func:`score_images`): the assignment, the baselines, the batch's
+    statistics (``statistics``, named by :data:`attacks.scoring.table.STATISTICS`) and the
+    per-image scores. ``score["psnr_max"]`` reads a statistic or a field by name."""
+
+    n_images: int
+    assignment_cost: CostName
+    assignment: list[int]
+    flat_value: list[float]
+    flat_psnr_mean: float
+    prior: Literal["mean_image", "flat"]
+    identification_pool: int | None
+    success_psnr: float
+    lpips_status: str
+    rec_nonfinite_pixels: int
+    statistics: Mapping[str, float | None]
+    per_image: list[ImageScore]
+
+    def __getitem__(self, key: str) -> Any:
+        if key in self.statistics:
+            return self.statistics[key]
+        if key in _SCORE_FIELDS:
+            return getattr(self, key)
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        yield from (f for f in _SCORE_FIELDS if f != "statistics")
+        yield from self.statistics
+
+    def __len__(self) -> int:
+        return len(_SCORE_FIELDS) - 1 + len(self.statistics)
+
+
+_SCORE_FIELDS = tuple(f.name for f in fields(Score))
 
 
 def score_images(
@@ -371,7 +379,7 @@ def score_images(
     lpips_backbone: str | os.PathLike[str] | None = None,
     flat: FlatValue = FLAT_VALUE,
     reference: Reference | None = None,
-) -> dict[str, Any]:
+) -> Score:
     """Score a batch of reconstructions against ground truth with the Obscura protocol.
 
     ``rec_images``, ``true_images``: (B, C, H, W) in [0, 1]; labels (B,) integers or None.
@@ -379,23 +387,23 @@ def score_images(
     ``lpips_backbone`` file (None: :func:`attacks.scoring.lpips_net.configure`); ``flat``: the flat
     image of ``psnr_gain`` (:func:`flat_value`); ``reference``: the victims' population
     (:class:`~attacks.scoring.population.Reference`, disjoint from them) for the prior baseline and
-    identification (points 7 and 8 of the module docstring). Returns a dict with
+    identification (points 7 and 8 of the module docstring). Returns a :class:`Score`:
 
     * ``n_images``, ``assignment_cost`` (``"lpips"``/``"mse"``), ``assignment`` (list[int],
       assignment[i] = reconstruction matched to true image i);
-    * ``psnr_``, ``psnr_gain_`` and ``prior_gain_`` ``mean, median, max, min``, ``ssim_mean,
-      ssim_median, ssim_max, lpips_mean, lpips_median, lpips_min`` (LPIPS: None without it);
-    * ``flat_value`` (list of per-channel floats used), ``flat_psnr_mean`` (the flat image's mean
-      PSNR over the batch); ``prior`` (``"mean_image"`` with a reference, else ``"flat"``),
-      ``prior_psnr_mean``, ``prior_ssim_mean``;
-    * ``identification_rate``, ``identification_rate_lpips`` and ``identification_pool``
-      (candidates per image: the batch plus the pool); None where not measured;
-    * ``label_accuracy`` (None when either side has no labels), ``success_rate`` (share with
-      PSNR >= ``success_psnr``), ``success_psnr``, ``lpips_status`` (``"ok"``, or why LPIPS is
-      None), ``rec_nonfinite_pixels`` (replaced non-finite reconstruction values);
-    * ``per_image``: ``{"index", "psnr", "psnr_gain", "prior_psnr", "prior_ssim", "prior_gain",
-      "ssim", "lpips", "id_rank", "id_rank_lpips", "identified", "label_correct"}`` in
-      ground-truth order (None where not measured). No value is ever NaN or inf.
+    * ``statistics``: every batch statistic of the metric table
+      (:data:`attacks.scoring.table.STATISTICS`), e.g. ``psnr_mean, psnr_median, psnr_max,
+      psnr_min``, the same of ``psnr_gain`` and ``prior_gain``, ``ssim_max``, ``lpips_min``,
+      ``prior_psnr_mean``, ``identification_rate``, ``label_accuracy``, ``success_rate``
+      (None where not measured: LPIPS without weights, identification without a reference,
+      label accuracy without labels on either side);
+    * ``flat_value`` (per-channel floats used), ``flat_psnr_mean`` (the flat image's mean PSNR),
+      ``prior`` (``"mean_image"`` with a reference, else ``"flat"``), ``identification_pool``
+      (candidates per image: the batch plus the pool; None without a reference);
+    * ``success_psnr``, ``lpips_status`` (``"ok"``, or why LPIPS is None),
+      ``rec_nonfinite_pixels`` (replaced non-finite reconstruction values);
+    * ``per_image``: one :class:`ImageScore` per true image, in ground-truth order, with every
+      metric of the table. No value is ever NaN or inf.
 
     Raises:
         ValueError: shapes differ or are not (B, C, H, W), non-finite ground truth or
@@ -405,39 +413,43 @@ def score_images(
     Example:
         >>> truth, grey = torch.zeros(1, 1, 8, 8), torch.full((1, 1, 8, 8), 0.5)
         >>> s = score_images(grey, truth, lpips=False)  # the flat image itself: no gain
-        >>> round(s["psnr_max"], 2), s["psnr_gain_max"], s["flat_value"], s["prior"]
+        >>> round(s["psnr_max"], 2), s["psnr_gain_max"], s.flat_value, s.prior
         (6.02, 0.0, [0.5], 'flat')
     """
     rec, nonfinite = _reconstruction_batch(rec_images)
     truth = _truth_batch(true_images)
     _check_inputs(rec, truth, reference, success_psnr)
     n = truth.shape[0]
-    channels = _flat_channels(flat, truth.shape[1])
-    rec_lab = _labels(rec_labels, n, "rec_labels")
-    true_lab = _labels(true_labels, n, "true_labels")
     lpips_dist, lpips_status = _lpips_distances(truth, rec, lpips, device, lpips_backbone)
-    assignment_cost: CostName = "mse" if lpips_dist is None else "lpips"
     assignment = _hungarian(_mse_matrix(truth, rec) if lpips_dist is None else lpips_dist)
-
-    ordered = rec[assignment]
-    values = _image_metrics(truth, ordered, channels, lpips_dist, assignment, reference)
-    ids = _identification(truth, ordered, reference, lpips_dist is not None, device, lpips_backbone)
-    correct = _label_correct(rec_lab, true_lab, assignment)
-    psnrs = values.psnr
-    return {
-        "n_images": n,
-        "assignment_cost": assignment_cost,
-        "assignment": assignment,
-        **_summaries(psnrs, values.psnr_gain, values.prior_gain, values.ssim, values.lpips),
-        **values.baselines(channels, reference),
-        **ids.summary(),
-        "label_accuracy": None if correct is None else float(np.mean(correct)),
-        "success_rate": float(np.mean([p >= success_psnr for p in psnrs])),
-        "success_psnr": float(success_psnr),
-        "lpips_status": lpips_status,
-        "rec_nonfinite_pixels": nonfinite,
-        "per_image": _per_image(values, ids, correct),
-    }
+    ctx = ScoringContext(
+        truth=truth,
+        ordered=rec[assignment],
+        flat=_flat_channels(flat, truth.shape[1]),
+        reference=reference,
+        lpips=lpips_dist,
+        assignment=assignment,
+        rec_labels=_labels(rec_labels, n, "rec_labels"),
+        true_labels=_labels(true_labels, n, "true_labels"),
+        device=device,
+        backbone=None if lpips_backbone is None else str(lpips_backbone),
+    )
+    values = compute(ctx)
+    images = [ImageScore(i, {k: v[i] for k, v in values.items()}) for i in range(n)]
+    return Score(
+        n_images=n,
+        assignment_cost="mse" if lpips_dist is None else "lpips",
+        assignment=assignment,
+        flat_value=[float(v) for v in ctx.flat],
+        flat_psnr_mean=float(np.mean(ctx.flat_psnr)),
+        prior="flat" if reference is None else "mean_image",
+        identification_pool=None if reference is None else n + int(reference.pool.shape[0]),
+        success_psnr=float(success_psnr),
+        lpips_status=lpips_status,
+        rec_nonfinite_pixels=nonfinite,
+        statistics=summarise(images, success_psnr, per_trial=False),
+        per_image=images,
+    )
 
 
 def _check_inputs(
@@ -453,141 +465,6 @@ def _check_inputs(
         )
     if not math.isfinite(success_psnr):
         raise ValueError(f"success_psnr must be finite, got {success_psnr}")
-
-
-class _ImageMetrics(NamedTuple):
-    """Per true image, the metrics of its matched reconstruction (ground-truth order) and of the
-    baselines (flat image, prior image)."""
-
-    psnr: list[float]
-    flat_psnr: list[float]
-    psnr_gain: list[float]
-    prior_psnr: list[float]
-    prior_ssim: list[float]
-    prior_gain: list[float]
-    ssim: list[float]
-    lpips: list[float] | None
-
-    def baselines(self, channels: np.ndarray, reference: Reference | None) -> dict[str, Any]:
-        """The batch's baseline figures: the flat image's value and mean PSNR, which prior was
-        used (``mean_image`` or ``flat``) and its mean PSNR and SSIM."""
-        return {
-            "flat_value": [float(v) for v in channels],
-            "flat_psnr_mean": float(np.mean(self.flat_psnr)),
-            "prior": "flat" if reference is None else "mean_image",
-            "prior_psnr_mean": float(np.mean(self.prior_psnr)),
-            "prior_ssim_mean": float(np.mean(self.prior_ssim)),
-        }
-
-
-def _image_metrics(
-    truth: torch.Tensor,
-    ordered: torch.Tensor,
-    channels: np.ndarray,
-    lpips_dist: np.ndarray | None,
-    assignment: list[int],
-    reference: Reference | None,
-) -> _ImageMetrics:
-    """PSNR, SSIM and LPIPS (None without LPIPS) of each true image and its matched
-    reconstruction (``ordered`` = reconstructions reordered), the flat image's PSNR and the
-    prior image's PSNR and SSIM (the reference's mean image, or the flat image without one)."""
-    n = truth.shape[0]
-    truth_np = truth.permute(0, 2, 3, 1).numpy()
-    rec_np = ordered.permute(0, 2, 3, 1).numpy()
-    if reference is None:
-        prior = np.broadcast_to(channels, truth_np.shape[1:])
-    else:
-        prior = reference.mean_image.to(torch.float64).permute(1, 2, 0).numpy()
-    psnrs = [_psnr_np(rec_np[i], truth_np[i]) for i in range(n)]
-    flat_psnrs = _flat_psnrs(truth, channels)
-    prior_psnrs = [_psnr_np(prior, truth_np[i]) for i in range(n)]
-    lpipss = None if lpips_dist is None else [float(lpips_dist[i, assignment[i]]) for i in range(n)]
-    return _ImageMetrics(
-        psnr=psnrs,
-        flat_psnr=flat_psnrs,
-        psnr_gain=[p - f for p, f in zip(psnrs, flat_psnrs, strict=True)],
-        prior_psnr=prior_psnrs,
-        prior_ssim=[_ssim_np(np.ascontiguousarray(prior), truth_np[i]) for i in range(n)],
-        prior_gain=[p - f for p, f in zip(psnrs, prior_psnrs, strict=True)],
-        ssim=[_ssim_np(rec_np[i], truth_np[i]) for i in range(n)],
-        lpips=lpipss,
-    )
-
-
-class _Identification(NamedTuple):
-    """Per true image, its rank among the candidates (pixel space, LPIPS); None: not measured."""
-
-    pixel: list[int] | None
-    lpips: list[int] | None
-    candidates: int | None
-
-    def summary(self) -> dict[str, float | int | None]:
-        """The batch's identification rates (share of rank 1) and candidates per image."""
-
-        def rate(ranks: list[int] | None) -> float | None:
-            return None if ranks is None else float(np.mean([r == 1 for r in ranks]))
-
-        return {
-            "identification_rate": rate(self.pixel),
-            "identification_rate_lpips": rate(self.lpips),
-            "identification_pool": self.candidates,
-        }
-
-
-def _identification(
-    truth: torch.Tensor,
-    ordered: torch.Tensor,
-    reference: Reference | None,
-    with_lpips: bool,
-    device: str | torch.device,
-    backbone: str | os.PathLike[str] | None,
-) -> _Identification:
-    """Identification ranks of each true image by its matched reconstruction against the
-    batch's true images and the reference pool, in pixel space and (``with_lpips``) in LPIPS."""
-    if reference is None:
-        return _Identification(None, None, None)
-    pixel = pixel_ranks(ordered, truth, reference)
-    candidates = truth.shape[0] + int(reference.pool.shape[0])
-    if not with_lpips:
-        return _Identification(pixel, None, candidates)
-    where: dict[str, Any] = {"device": device, "backbone": backbone}
-    pool = reference.pool_lpips_features(device, backbone)
-    truths = lpips_features(truth, **where)
-    candidates_feats = [torch.cat([t, p]) for t, p in zip(truths, pool, strict=True)]
-    dist = lpips_from_features(lpips_features(ordered, **where), candidates_feats, **where)
-    return _Identification(pixel, identification_ranks(dist), candidates)
-
-
-def _per_image(
-    values: _ImageMetrics, ids: _Identification, correct: list[bool] | None
-) -> list[dict[str, Any]]:
-    """The ``per_image`` records of :func:`score_images` in ground-truth order."""
-    return [
-        {
-            "index": i,
-            "psnr": values.psnr[i],
-            "psnr_gain": values.psnr_gain[i],
-            "prior_psnr": values.prior_psnr[i],
-            "prior_ssim": values.prior_ssim[i],
-            "prior_gain": values.prior_gain[i],
-            "ssim": values.ssim[i],
-            "lpips": None if values.lpips is None else values.lpips[i],
-            "id_rank": None if ids.pixel is None else ids.pixel[i],
-            "id_rank_lpips": None if ids.lpips is None else ids.lpips[i],
-            "identified": None if ids.pixel is None else ids.pixel[i] == 1,
-            "label_correct": None if correct is None else correct[i],
-        }
-        for i in range(len(values.psnr))
-    ]
-
-
-def _label_correct(
-    rec_labels: np.ndarray | None, true_labels: np.ndarray | None, assignment: list[int]
-) -> list[bool] | None:
-    """Per true image, whether its assigned reconstruction's label is right (None: no labels)."""
-    if rec_labels is None or true_labels is None:
-        return None
-    return [bool(x) for x in rec_labels[np.asarray(assignment)] == true_labels]
 
 
 def _lpips_distances(
@@ -606,29 +483,6 @@ def _lpips_distances(
         logger.warning("LPIPS unavailable, scoring without it (MSE assignment): %s", exc)
         return None, f"unavailable: {exc}"
 
-
-def _summaries(
-    psnrs: list[float],
-    gains: list[float],
-    prior_gains: list[float],
-    ssims: list[float],
-    lpipss: list[float] | None,
-) -> dict[str, float | None]:
-    """Per-batch mean, median and worst case (max PSNR, PSNR gains and SSIM, min LPIPS), and the
-    minimum PSNR and PSNR gains."""
-    names = {
-        "psnr": (psnrs, ("mean", "median", "max", "min")),
-        "psnr_gain": (gains, ("mean", "median", "max", "min")),
-        "prior_gain": (prior_gains, ("mean", "median", "max", "min")),
-        "ssim": (ssims, ("mean", "median", "max")),
-        "lpips": (lpipss, ("mean", "median", "min")),
-    }
-    out: dict[str, float | None] = {}
-    for metric, (values, stats) in names.items():
-        out.update(
-            {f"{metric}_{k}": v for k, v in zip(stats, _summary(values, stats), strict=True)}
-        )
-    return out
 
 
 _MISSING = object()
