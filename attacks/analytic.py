@@ -21,11 +21,11 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from attacks._machinery.setup import InversionSetup
 from attacks.base import Attack, AttackParams, Attempt, local_rng, register_attack
-from attacks.label_modes import plan_labels
-from attacks.setup import InversionSetup
+from attacks.labels.plans import plan_labels
 from attacks.threat import AttackerCapabilities, Requirements, ThreatModelError
-from fl.simulation.observation import Observation
+from fl.simulation.observation import MessageKind, Observation
 
 __all__ = ["Analytic", "AnalyticParams", "Candidates", "choose_images", "first_linear_layer"]
 
@@ -37,7 +37,12 @@ class AnalyticParams(AttackParams):
     layer (no soft labels: there is no optimisation to learn them)."""
 
     iterations: int = Field(1, ge=1, description="Unused: the attack is closed-form.")
-    labels: Literal["auto", "known", "infer"] = "auto"
+    labels: Literal["auto", "known", "infer"] = Field(
+        "auto",
+        description="How the attack obtains the batch's labels: 'known' (granted: "
+        "knows_labels), 'infer' (read off the last layer's update) or 'auto' (known when "
+        "granted, else 'infer'); no 'soft': nothing is optimised.",
+    )
     min_bias_grad: float = Field(
         1e-4,
         ge=0,
@@ -255,7 +260,10 @@ class Analytic(Attack[AnalyticParams]):
     """
 
     Params = AnalyticParams
-    requirements = Requirements(kinds=("gradient", "weights"))
+
+    def requirements(self, kind: MessageKind | None = None) -> Requirements:
+        """Gradients or weights, nothing granted (the ratio dW_i / db_i is scale-free)."""
+        return Requirements(kinds=("gradient", "weights"))
 
     def restricted(
         self, obs: Observation, capabilities: AttackerCapabilities | None
@@ -267,7 +275,7 @@ class Analytic(Attack[AnalyticParams]):
                 image (or missing from the message), or a missing requirement.
         """
         seen = (capabilities or AttackerCapabilities()).restrict(obs)
-        self.requirements.check(seen, self.name)
+        self.requirements(seen.kind).check(seen, self.name)
         layer = first_linear_layer(seen.model, seen.image_shape)
         missing = [n for n in (layer.weight, layer.bias) if n not in seen.message]
         if missing:

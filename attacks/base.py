@@ -13,13 +13,13 @@ from typing import ClassVar, Generic, TypeVar, cast
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from attacks.consensus import registered_mean
-from attacks.convolution import ExactConvolutions, exact_convolutions
+from attacks._machinery.convolution import ExactConvolutions, exact_convolutions
+from attacks.priors.consensus import registered_mean
 from attacks.reconstruction import Reconstruction
 from attacks.scoring.metrics import flat_value
 from attacks.threat import AttackerCapabilities, Requirements
 from fl.simulation.normalization import denormalize
-from fl.simulation.observation import Observation
+from fl.simulation.observation import MessageKind, Observation
 
 
 class AttackConfigError(ValueError):
@@ -51,10 +51,10 @@ class AttackParams(BaseModel):
     seed: int = Field(0, description="Seed of the dummy initialisation.")
     exact_convolutions: ExactConvolutions = Field(
         "auto",
-        description="The exact convolution double backward (attacks.convolution: bit-identical "
-        "to PyTorch's, about 15 % faster per iteration on a CPU): 'auto' = on CPUs only (not "
-        "yet verified on CUDA; benchmarks/gpu_check.py checks it), 'on' = also on CUDA, "
-        "'off' = PyTorch's own double backward everywhere.",
+        description="The exact convolution double backward (attacks._machinery.convolution: "
+        "bit-identical to PyTorch's, about 15 % faster per iteration on a CPU): 'auto' = on "
+        "CPUs only (not yet verified on CUDA; benchmarks/gpu_check.py checks it), 'on' = also "
+        "on CUDA, 'off' = PyTorch's own double backward everywhere.",
     )
 
 
@@ -118,7 +118,7 @@ def build_reconstruction(
 
 def averaged_attempt(attempts: Sequence[Attempt], best: Attempt) -> Attempt:
     """``best`` with its images replaced by the registered mean
-    (:func:`attacks.consensus.registered_mean`) of every finite, not diverged attempt; the
+    (:func:`attacks.priors.consensus.registered_mean`) of every finite, not diverged attempt; the
     count averaged is in ``extras["restarts_averaged"]``."""
     kept = [a for a in attempts if not a.diverged and math.isfinite(a.loss)]
     if not any(a is best for a in kept):
@@ -138,19 +138,27 @@ def _rank(attempt: Attempt) -> tuple[int, float]:
 class Attack(ABC, Generic[P]):
     """Base class of every reconstruction attack, generic in its parameters model ``P``.
 
-    Subclasses declare ``name``, ``Params`` (a pydantic model of their documented defaults) and
-    ``requirements`` (what they need from an observation), and implement :meth:`attempt` (one
-    restart). :meth:`run` restricts the observation to the attacker's capabilities (none
-    granted: the least-privileged attacker, :class:`AttackerCapabilities`), checks the
-    requirements, runs the restarts under a local RNG seeded from ``seed``, keeps the restart
-    with the lowest attack loss (never looking at the ground truth), and returns images in
-    [0, 1] on the CPU. :meth:`run_many` attacks several observations.
+    Subclasses declare ``name`` and ``Params`` (a pydantic model of their documented defaults),
+    override :meth:`requirements` (what they need from an observation) unless the default
+    (FedSGD gradients, nothing granted) fits, and implement :meth:`attempt` (one restart).
+    :meth:`run` restricts the observation to the attacker's capabilities (none granted: the
+    least-privileged attacker, :class:`AttackerCapabilities`), checks the requirements, runs
+    the restarts under a local RNG seeded from ``seed``, keeps the restart with the lowest
+    attack loss (never looking at the ground truth), and returns images in [0, 1] on the CPU.
+    :meth:`run_many` attacks several observations.
     """
 
     name: ClassVar[str] = ""
     Params: ClassVar[type[AttackParams]] = AttackParams
-    requirements: ClassVar[Requirements] = Requirements()
     params: P
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if not callable(cls.requirements):  # the former class attribute: say what replaced it
+            raise TypeError(
+                f"{cls.__name__}.requirements must be a method, requirements(self, kind=None) "
+                "-> Requirements (returning what the attack needs), not a class attribute"
+            )
 
     def __init__(self, **params: object) -> None:
         try:
@@ -164,14 +172,13 @@ class Attack(ABC, Generic[P]):
                 f"attack {self.name!r}: {problems} (parameters: {known})"
             ) from None
 
-    def requirements_for(self, obs: Observation) -> Requirements:
-        """The requirements for this observation (some attacks need more for FedAvg)."""
-        return self.requirements
-
-    def needs_bn_stats(self) -> bool:
-        """Whether this attack, so configured, matches the BatchNorm statistics of the private
-        batch (then it requires ``AttackerCapabilities(knows_bn_stats=True)``)."""
-        return self.requirements.bn_stats
+    def requirements(self, kind: MessageKind | None = None) -> Requirements:
+        """What this attack, so configured, needs of an observation holding a ``kind`` message;
+        ``None``: of any message (``kinds`` then lists those it works on, ``bn_stats`` whether
+        it matches the private batch's BatchNorm statistics). The default: FedSGD gradients,
+        nothing granted. Override it (the one hook) where an attack needs more, e.g. the
+        learning rate and local steps of a FedAvg update."""
+        return Requirements()
 
     @abstractmethod
     def attempt(self, obs: Observation, generator: torch.Generator, restart: int) -> Attempt:
@@ -186,7 +193,7 @@ class Attack(ABC, Generic[P]):
             ThreatModelError: the restricted observation lacks a fact the attack requires.
         """
         seen = (capabilities or AttackerCapabilities()).restrict(obs)
-        self.requirements_for(seen).check(seen, self.name)
+        self.requirements(seen.kind).check(seen, self.name)
         return seen
 
     def run(

@@ -1,5 +1,4 @@
-"""Gradient-inversion attacks on FedSGD messages: DLG and iDLG, and the unrolled FedAvg update
-that gradient matching on weights messages differentiates through."""
+"""Gradient-inversion attacks on FedSGD messages: DLG and iDLG."""
 
 from __future__ import annotations
 
@@ -7,26 +6,23 @@ from typing import Literal
 
 import torch
 from pydantic import Field
-from torch.func import functional_call
 
+from attacks._machinery.objectives import dummy_gradients, l2_distance
+from attacks._machinery.optim import run_lbfgs
+from attacks._machinery.setup import INIT_DESCRIPTION, DummyInit, InversionSetup
 from attacks.base import Attack, AttackParams, Attempt, register_attack
-from attacks.convolution import inversion_convolutions
-from attacks.label_modes import LabelMode, plan_labels
-from attacks.objectives import dummy_gradients, l2_distance, soft_cross_entropy
-from attacks.optim import run_lbfgs
-from attacks.setup import InversionSetup
-from attacks.threat import Requirements
+from attacks.labels.plans import LabelMode, labels_description, plan_labels
 from fl.simulation.observation import Observation
 
 
 class DLGParams(AttackParams):
     """DLG defaults from mit-han-lab/dlg: 300 L-BFGS steps, lr 1, 20 evaluations per step."""
 
-    iterations: int = Field(300, ge=1)
-    lr: float = Field(1.0, gt=0)
+    iterations: int = Field(300, ge=1, description="L-BFGS steps per restart.")
+    lr: float = Field(1.0, gt=0, description="L-BFGS step size.")
     max_iter: int = Field(20, ge=1, description="L-BFGS function evaluations per step.")
-    labels: LabelMode = "auto"
-    init: Literal["randn", "rand", "grey", "mean"] = "randn"
+    labels: LabelMode = Field("auto", description=labels_description("soft"))
+    init: DummyInit = Field("randn", description=INIT_DESCRIPTION)
     tolerance: float | None = Field(None, ge=0, description="Stop when the loss falls below.")
     ignore_layers: list[str] = Field(
         default_factory=list,
@@ -45,7 +41,6 @@ class DLG(Attack[DLGParams]):
     """
 
     Params = DLGParams
-    requirements = Requirements(kinds=("gradient",))
     default_labels: Literal["infer", "soft"] = "soft"
 
     def attempt(self, obs: Observation, generator: torch.Generator, restart: int) -> Attempt:
@@ -73,8 +68,10 @@ class IDLGParams(DLGParams):
     """iDLG defaults from PatrickZH/Improved-Deep-Leakage-from-Gradients: as DLG, labels
     inferred, stop when the loss falls below 1e-6."""
 
-    labels: LabelMode = "auto"
-    tolerance: float | None = Field(1e-6, ge=0)
+    labels: LabelMode = Field("auto", description=labels_description("infer"))
+    tolerance: float | None = Field(
+        1e-6, ge=0, description="Stop when the loss falls below (iDLG: 1e-6)."
+    )
 
 
 @register_attack("idlg")
@@ -83,39 +80,9 @@ class IDLG(DLG):
 
     The label of a single image is read from the sign of the last layer's weight gradient
     (``argmin_i sum_j dL/dW[i, j]``), then DLG runs on the image alone. For a batch, the labels
-    come from the count rule of :func:`attacks.labels.batch_labels` (an extension; the paper
-    treats single images).
+    come from the count rule of :func:`attacks.labels.inference.batch_labels` (an extension; the
+    paper treats single images).
     """
 
     Params = IDLGParams
     default_labels = "infer"
-
-
-def unrolled_update(
-    setup: InversionSetup,
-    x: torch.Tensor,
-    targets: torch.Tensor,
-    lr: float,
-    steps: int,
-    batch_size: int,
-) -> list[torch.Tensor]:
-    """The update ``W_0 - W_K`` of ``steps`` differentiable SGD steps with ``lr`` on the dummy
-    batch, in mini-batches of ``batch_size`` taken in order (inversefed's FedAvg loss)."""
-    names = setup.names
-    current = dict(zip(names, setup.params, strict=True))
-    n = x.shape[0]
-    start = 0
-    for _ in range(steps):
-        idx = slice(start, min(start + batch_size, n))
-        start = 0 if idx.stop >= n else idx.stop
-        with inversion_convolutions(setup.model):  # bit-identical, leaner double backward
-            logits = functional_call(setup.model, current, (x[idx],))
-        loss = soft_cross_entropy(logits, targets[idx])
-        extra = getattr(setup.model, "auxiliary_loss", None)
-        if callable(extra):
-            term = extra()
-            if term is not None:
-                loss = loss + term
-        grads = torch.autograd.grad(loss, list(current.values()), create_graph=True)
-        current = {k: w - lr * g for (k, w), g in zip(current.items(), grads, strict=True)}
-    return [w0 - current[k] for k, w0 in zip(names, setup.params, strict=True)]

@@ -14,22 +14,17 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from attacks._machinery.matching import Matched, matching
+from attacks._machinery.objectives import cosine_distance, l2_distance, total_variation
+from attacks._machinery.optim import run_langevin_adam
+from attacks._machinery.setup import INIT_DESCRIPTION, DummyInit, InversionSetup
 from attacks.base import Attack, AttackParams, Attempt, register_attack
-from attacks.consensus import registration
-from attacks.label_modes import LabelMode, plan_labels
-from attacks.matching import (
-    BatchNormPrior,
-    Matched,
-    bn_prior,
-    matching,
-    mean_projection,
-    revealed_statistics,
-)
-from attacks.objectives import cosine_distance, l2_distance, total_variation
-from attacks.optim import run_langevin_adam
-from attacks.setup import InversionSetup
+from attacks.labels.plans import LabelMode, labels_description, plan_labels
+from attacks.priors import Prior, recording, with_priors
+from attacks.priors.bn_prior import bn_prior, mean_projection, revealed_statistics
+from attacks.priors.consensus import registration
 from attacks.threat import Requirements
-from fl.simulation.observation import Observation
+from fl.simulation.observation import MessageKind, Observation
 
 
 class SeeThroughGradientsParams(AttackParams):
@@ -37,7 +32,7 @@ class SeeThroughGradientsParams(AttackParams):
     50, cosine decay, Langevin noise 0.01), L2 gradient matching x 1e-4, TV 1e-4, L2 norm
     1e-6, BatchNorm prior 0.1 with the first layer x 10, boxed images."""
 
-    iterations: int = Field(20_000, ge=1)
+    iterations: int = Field(20_000, ge=1, description="Adam iterations per restart.")
     lr: float = Field(0.1, gt=0, description="Adam step size (peak, after the warm-up).")
     objective: Literal["l2", "cosine"] = Field(
         "l2", description="Gradient distance: squared L2 as in the paper, or IG's cosine."
@@ -75,8 +70,8 @@ class SeeThroughGradientsParams(AttackParams):
     )
     group: float = Field(0.01, ge=0, description="Weight of the pull toward the group consensus.")
     group_every: int = Field(100, ge=1, description="Iterations between consensus refreshes.")
-    labels: LabelMode = "auto"
-    init: Literal["randn", "rand", "grey", "mean"] = "randn"
+    labels: LabelMode = Field("auto", description=labels_description("infer"))
+    init: DummyInit = Field("randn", description=INIT_DESCRIPTION)
     ignore_layers: list[str] = Field(
         default_factory=list, description="Parameter-name prefixes left out of the matching."
     )
@@ -89,7 +84,7 @@ class SeeThroughGradients(Attack[SeeThroughGradientsParams]):
     Minimises ``s * D(g(x'), g) + tv * TV(x') + l2 * ||x'||^2 + a * R_BN(x')`` with D the squared
     L2 (or cosine) gradient distance and R_BN DeepInversion's distance between the dummy batch's
     per-layer BatchNorm statistics and those the client's returned buffers reveal
-    (:mod:`attacks.bn_stats`). With ``group_size`` > 1 the members are optimised jointly and
+    (:mod:`attacks.priors.bn_stats`). With ``group_size`` > 1 the members are optimised jointly and
     pulled toward their registered average (sec. 3.4); the best of the members and their
     consensus by the attack's own loss is returned. FedAvg: the local steps are unrolled as in
     Inverting Gradients' FedAvg variant and the statistics of every step are mixed as the
@@ -97,12 +92,11 @@ class SeeThroughGradients(Attack[SeeThroughGradientsParams]):
     """
 
     Params = SeeThroughGradientsParams
-    requirements = Requirements(kinds=("gradient", "weights"), bn_stats=True)
 
-    def requirements_for(self, obs: Observation) -> Requirements:
-        if obs.kind == "weights":
-            return Requirements(kinds=("weights",), lr=True, local_steps=True, bn_stats=True)
-        return Requirements(kinds=("gradient",), bn_stats=True)
+    def requirements(self, kind: MessageKind | None = None) -> Requirements:
+        """Gradients, or weights with the client's lr and local steps (its SGD is unrolled);
+        always the BatchNorm statistics of the private batch."""
+        return Requirements.unrolling(kind, bn_stats=True)
 
     def attempt(self, obs: Observation, generator: torch.Generator, restart: int) -> Attempt:
         p = self.params
@@ -144,20 +138,20 @@ class SeeThroughGradients(Attack[SeeThroughGradientsParams]):
         return Attempt(best, plan.final_labels(), loss, steps, diverged, plan.source)
 
     def _member_loss(
-        self, setup: InversionSetup, matched: Matched, prior: BatchNormPrior
+        self, setup: InversionSetup, matched: Matched, prior: Prior
     ) -> Callable[[torch.Tensor], torch.Tensor]:
         """One member's loss: gradient distance, TV, image norm and BatchNorm prior."""
         p = self.params
 
         def loss(x: torch.Tensor) -> torch.Tensor:
-            with prior.recording():
+            with recording([prior]):
                 dummy = matched(x)
             if p.objective == "l2":
                 value = p.gradient_scale * l2_distance(dummy, setup.target)
             else:
                 value = p.gradient_scale * cosine_distance(dummy, setup.target)
             value = value + p.tv * total_variation(x) + p.l2 * 0.5 * x.pow(2).mean()
-            return value + prior.loss()
+            return with_priors(value, [prior])
 
         return loss
 

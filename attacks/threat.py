@@ -8,9 +8,9 @@ to grant it -- never a crash deep inside an optimisation.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
-from attacks.bn_stats import batchnorm_layers
+from attacks.priors.bn_stats import batchnorm_layers
 from fl.simulation.observation import ALGORITHM_OF, MessageKind, Observation
 
 
@@ -28,11 +28,17 @@ class AttackerCapabilities(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    knows_labels: bool = False
-    knows_lr: bool = True
-    knows_local_steps: bool = True
-    knows_batch_size: bool = True
-    knows_bn_stats: bool = False
+    knows_labels: bool = Field(False, description="The private labels of the client's batch.")
+    knows_lr: bool = Field(True, description="The client's local learning rate (FedAvg).")
+    knows_local_steps: bool = Field(
+        True, description="The client's number of local SGD steps (FedAvg)."
+    )
+    knows_batch_size: bool = Field(True, description="The client's local mini-batch size.")
+    knows_bn_stats: bool = Field(
+        False,
+        description="The BatchNorm running buffers the client returns, which reveal the "
+        "statistics of its private batch.",
+    )
 
     def restrict(self, obs: Observation) -> Observation:
         """A copy of ``obs`` without the facts this attacker is not granted."""
@@ -55,12 +61,32 @@ class Requirements(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kinds: tuple[MessageKind, ...] = ("gradient",)
-    labels: bool = False
-    lr: bool = False
-    local_steps: bool = False
-    num_examples: bool = True
-    bn_stats: bool = False
+    kinds: tuple[MessageKind, ...] = Field(
+        ("gradient",),
+        description="The messages the attack works on: 'gradient' (FedSGD), 'weights' (FedAvg).",
+    )
+    labels: bool = Field(False, description="Needs the private labels (knows_labels).")
+    lr: bool = Field(False, description="Needs the client's learning rate (knows_lr).")
+    local_steps: bool = Field(
+        False, description="Needs the client's number of local steps (knows_local_steps)."
+    )
+    num_examples: bool = Field(True, description="Needs the number of examples of the batch.")
+    bn_stats: bool = Field(
+        False,
+        description="Needs the BatchNorm statistics of the private batch (knows_bn_stats) and "
+        "a model with BatchNorm layers.",
+    )
+
+    @classmethod
+    def unrolling(cls, kind: MessageKind | None, *, bn_stats: bool = False) -> Requirements:
+        """What a gradient-matching attack that also unrolls a FedAvg client's local SGD needs:
+        for a weights message the client's learning rate and local steps; for a gradient
+        message nothing more; ``None`` (any message): the two kinds it works on."""
+        if kind == "weights":
+            return cls(kinds=("weights",), lr=True, local_steps=True, bn_stats=bn_stats)
+        if kind == "gradient":
+            return cls(kinds=("gradient",), bn_stats=bn_stats)
+        return cls(kinds=("gradient", "weights"), bn_stats=bn_stats)
 
     def check(self, obs: Observation, attack: str) -> None:
         """Raise :class:`ThreatModelError` if ``obs`` lacks something this attack requires."""

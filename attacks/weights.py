@@ -7,27 +7,32 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from attacks._machinery.objectives import dummy_gradients, normalized_l2_distance
+from attacks._machinery.optim import run_adam, run_lbfgs
+from attacks._machinery.setup import INIT_DESCRIPTION, DummyInit, InversionSetup
 from attacks.base import Attack, AttackParams, Attempt, register_attack
-from attacks.label_modes import LabelMode, plan_labels
-from attacks.objectives import dummy_gradients, normalized_l2_distance
-from attacks.optim import run_adam, run_lbfgs
-from attacks.setup import InversionSetup
+from attacks.labels.plans import LabelMode, labels_description, plan_labels
 from attacks.threat import Requirements
-from fl.simulation.observation import Observation
+from fl.simulation.observation import MessageKind, Observation
 
 
 class DLMParams(AttackParams):
     """DLM defaults from Zihao-Kevin/DLM (LeNet setting): L-BFGS lr 1 for 200 steps, scale k
     initialised at 200, soft labels unless granted."""
 
-    iterations: int = Field(200, ge=1)
-    lr: float = Field(1.0, gt=0)
-    optimizer: Literal["lbfgs", "adam"] = "lbfgs"
+    iterations: int = Field(200, ge=1, description="Optimiser steps per restart.")
+    lr: float = Field(1.0, gt=0, description="Step size of the optimiser.")
+    optimizer: Literal["lbfgs", "adam"] = Field(
+        "lbfgs", description="'lbfgs' (the paper's) or 'adam' (DLM on an MLP: lr 0.1)."
+    )
     max_iter: int = Field(20, ge=1, description="L-BFGS evaluations per step.")
     scale_init: float = Field(200.0, gt=0, description="Initial k (stands for 1/lr).")
-    labels: LabelMode = "auto"
-    init: Literal["randn", "rand", "grey", "mean"] = "randn"
-    ignore_layers: list[str] = Field(default_factory=list)
+    labels: LabelMode = Field("auto", description=labels_description("soft"))
+    init: DummyInit = Field("randn", description=INIT_DESCRIPTION)
+    ignore_layers: list[str] = Field(
+        default_factory=list,
+        description="Parameter-name prefixes left out of the matching (defense-aware attack).",
+    )
 
 
 def _optimise(p: DLMParams, variables: list[torch.Tensor], objective) -> tuple[float, int, bool]:  # type: ignore[no-untyped-def]
@@ -46,7 +51,10 @@ class DLM(Attack[DLMParams]):
     """
 
     Params = DLMParams
-    requirements = Requirements(kinds=("weights",))
+
+    def requirements(self, kind: MessageKind | None = None) -> Requirements:
+        """FedAvg weights; nothing granted (the learning rate and step count stay unknown)."""
+        return Requirements(kinds=("weights",))
 
     def attempt(self, obs: Observation, generator: torch.Generator, restart: int) -> Attempt:
         p = self.params
@@ -83,7 +91,10 @@ class DLMPlus(Attack[DLMPlusParams]):
     (optimised jointly, the default), or inferred from the last layer's update."""
 
     Params = DLMPlusParams
-    requirements = Requirements(kinds=("weights",))
+
+    def requirements(self, kind: MessageKind | None = None) -> Requirements:
+        """FedAvg weights; nothing granted (the learning rate and step count stay unknown)."""
+        return Requirements(kinds=("weights",))
 
     def attempt(self, obs: Observation, generator: torch.Generator, restart: int) -> Attempt:
         p = self.params

@@ -14,7 +14,7 @@ learning rate).
                                  [--tune-allocator]
 
 ``--compare-reference`` times our Inverting Gradients against the textbook loop
-(``attacks/reference.py``, the paper's reference code's algorithm) on the same inputs:
+(``tests/_support/reference.py``, the paper's reference code's algorithm) on the same inputs:
 ConvNet, 32 px, batch 1, untrained, labels known, same initial image; it prints both speeds,
 their ratio and both PSNRs (median over ``--repeats`` alternating runs).
 
@@ -33,11 +33,11 @@ import _isolate  # noqa: F401  (first: keeps the attacks package importable)
 import torch
 
 from attacks import AttackerCapabilities, get_attack
-from attacks.samples import sample_images
 from attacks.scoring.metrics import score
 from fl import models
 from fl.simulation import observe_client_step, resolve_device, tune_allocator
 from fl.simulation.allocator import allocator_tuned
+from tests._support.samples import sample_images
 
 # (label, registered attack, message, default iterations, extra parameters)
 CASES: list[tuple[str, str, str, int, dict[str, object]]] = [
@@ -174,8 +174,8 @@ def compare_reference(
     import statistics
     import time
 
-    from attacks.reference import textbook_inverting_gradients
-    from attacks.setup import InversionSetup
+    from attacks._machinery.setup import InversionSetup
+    from tests._support.reference import textbook_inverting_gradients
 
     torch.manual_seed(0)
     model = models.build("convnet", channels=3, classes=10, image_size=size, width=width)

@@ -2,12 +2,12 @@
 
 A trial reconstructs several captured client steps. This times them one after another
 (``attack.run`` per observation) against ``attack.run_many(observations, batched=True)``
-(:mod:`attacks.batched`: one ``torch.func`` optimisation over all victims, Geiping et al. 2020
-eq. 4 per victim), on the same observations: the Inverting-Gradients ConvNet (untrained,
-BatchNorm), real 32 px images, FedSGD, labels known, same seed. It prints both wall times and
-victim-iterations per second, the speed ratio, and the largest |PSNR difference| between a
-victim's two reconstructions (which should be ~0: the batched run reproduces the separate ones
-up to float rounding).
+(:mod:`attacks.inverting_gradients.batched`: one ``torch.func`` optimisation over all
+victims, Geiping et al. 2020 eq. 4 per victim), on the same observations: the
+Inverting-Gradients ConvNet (untrained, BatchNorm), real 32 px images, FedSGD, labels known,
+same seed. It prints both wall times and victim-iterations per second, the speed ratio, and
+the largest |PSNR difference| between a victim's two reconstructions (which should be ~0: the
+batched run reproduces the separate ones up to float rounding).
 
     python benchmarks/batched_victims.py [--victims 4] [--width 64] [--size 32] [--batch 1]
                                          [--iterations 200] [--device auto] [--distinct-weights]
@@ -29,11 +29,11 @@ import torch
 
 from attacks import AttackerCapabilities, Reconstruction, get_attack
 from attacks.inverting_gradients import batching_obstacle
-from attacks.samples import sample_images
 from attacks.scoring.metrics import score
 from fl import models
 from fl.simulation import observe_client_step, resolve_device
 from fl.simulation.observation import GroundTruth, Observation
+from tests._support.samples import sample_images
 
 GRANTED = AttackerCapabilities(knows_labels=True)  # the benchmark's labels are known
 

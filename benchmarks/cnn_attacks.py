@@ -63,7 +63,6 @@ import _isolate  # noqa: F401  (first: keeps the attacks package importable)
 import torch
 
 from attacks import AttackConfigError, AttackerCapabilities, get_attack
-from attacks.samples import sample_images
 from attacks.scoring.metrics import flat_value, score, score_images
 from attacks.scoring.plots import save_pair_grid
 from attacks.scoring.population import Reference
@@ -77,10 +76,11 @@ from fl.simulation import (
     resolve_device,
 )
 from fl.simulation.observation import GroundTruth, Observation
+from tests._support.samples import sample_images
 
 SIZE = 32
 PHOTO_CLASSES = 10
-PHOTO_POOL = 30  # every photograph crop attacks.samples has
+PHOTO_POOL = 30  # every photograph crop tests._support.samples has
 
 #: Method label -> (registered attack, parameters over its defaults).
 _IG = {"tv": 0.2}

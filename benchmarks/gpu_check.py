@@ -6,11 +6,11 @@ there. Run it once on a machine with a GPU; all checks together take at most 8 m
 
     python benchmarks/gpu_check.py [--data-root ../shared/data] [--json gpu_check.json]
 
-1. **Exact convolutions** (``attacks/convolution.py``): with deterministic cuDNN, the dummy
-   gradient and the image gradient of the Inverting Gradients objective (ConvNet, BatchNorm in
+1. **Exact convolutions** (``attacks/_machinery/convolution.py``): with deterministic cuDNN, the
+   dummy gradient and the image gradient of the Inverting Gradients objective (ConvNet, BatchNorm in
    train mode) and a whole short Inverting Gradients run must equal PyTorch's own double
    backward bit for bit; then the speed of Inverting Gradients (mode on and off) against the
-   textbook loop (``attacks/reference.py``), ConvNet width 64, 32 px, batch 1.
+   textbook loop (``tests/_support/reference.py``), ConvNet width 64, 32 px, batch 1.
 2. **Batched victims** at 4 and 16 victims: a float64 run of the batched optimisation must give
    each victim's separate run to 1e-9; then float32 speed, separate vs batched.
 3. **Vectorised clients**: two FedAvg rounds in float64, vectorised vs one by one, to 1e-9;
@@ -171,9 +171,9 @@ def convnet_observation(
 ) -> tuple[Any, Any]:
     """A FedSGD client step of ``batch`` real images on an untrained IG ConvNet (labels
     granted), in the default dtype, on ``device``."""
-    from attacks.samples import sample_images
     from fl import models
     from fl.simulation import observe_client_step
+    from tests._support.samples import sample_images
 
     torch.manual_seed(seed)
     dtype = torch.get_default_dtype()
@@ -187,8 +187,8 @@ def convnet_observation(
 
 def check_exact_gradients(device: torch.device, width: int, size: int) -> tuple[bool, str]:
     """The exact mode's dummy gradient and image gradient vs PyTorch's path, bit for bit."""
-    from attacks.convolution import exact_convolutions
-    from attacks.objectives import cosine_distance, dummy_gradients
+    from attacks._machinery.convolution import exact_convolutions
+    from attacks._machinery.objectives import cosine_distance, dummy_gradients
 
     obs, _ = convnet_observation(device, width=width, size=size, batch=2)
     model = obs.model.train()
@@ -212,8 +212,8 @@ def check_exact_gradients(device: torch.device, width: int, size: int) -> tuple[
 def check_exact_convolutions(device: torch.device, args: argparse.Namespace) -> Check:
     """Check 1: values bit for bit, then Inverting Gradients (mode on, off) vs the textbook."""
     from attacks import get_attack
-    from attacks.reference import textbook_inverting_gradients
-    from attacks.setup import InversionSetup
+    from attacks._machinery.setup import InversionSetup
+    from tests._support.reference import textbook_inverting_gradients
 
     width, size = (8, 16) if args.quick else (64, 32)
     same_grad, grad_detail = check_exact_gradients(device, width, size)

@@ -2,7 +2,7 @@
 
 Accuracy of one batch: ``sum_c min(predicted count_c, true count_c) / B`` (order-free). Batches
 of 8 real images at 32 px: RetinaMNIST test images with their labels (5 classes, imbalanced:
-45 % class 0), and scikit-image photographs (``attacks.samples``) with labels drawn at random
+45 % class 0), and scikit-image photographs (``tests._support.samples``) with labels drawn at random
 over 10 classes (fixed seed). Models: the Inverting-Gradients ConvNet (width 16, BatchNorm in
 training mode) and DLG's sigmoid LeNet, each freshly initialised per batch (seed = batch index)
 or, on RetinaMNIST, trained first for 5 FedAvg rounds with fl.simulation (5 clients, IID, one
@@ -10,8 +10,8 @@ local epoch at batch 32, lr 0.05; one trained model, the batches vary). Messages
 gradient; one-step FedAvg weights (lr 0.05) with the learning rate known or hidden; four local
 full-batch FedAvg steps (lr known). The messages carry the returned BatchNorm buffers (as with
 ``knows_bn_stats``; the FedSGD gradient also without them), which only ``bn_matched`` (and
-``auto`` through it) reads. The ``auto`` rows name the rule(s) :func:`attacks.labels.auto_rule`
-picked and score that rule's labels.
+``auto`` through it) reads. The ``auto`` rows name the rule(s)
+:func:`attacks.labels.inference.auto_rule` picked and score that rule's labels.
 
     python benchmarks/label_inference.py [--batches 20] [--data-root ../shared/data]
 
@@ -31,10 +31,10 @@ import _isolate  # noqa: F401  (first: keeps the attacks package importable)
 import torch
 
 from attacks.labels import LABEL_RULES, auto_rule, infer_labels
-from attacks.samples import sample_images
 from fl import data, models
 from fl.simulation import FederationConfig, PartitionConfig, Simulator, observe_client_step
 from fl.simulation.observation import Observation
+from tests._support.samples import sample_images
 
 METHODS = (
     "yin_llg",

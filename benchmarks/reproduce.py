@@ -22,7 +22,6 @@ import _isolate  # noqa: F401  (first: keeps the attacks package importable)
 import torch
 
 from attacks import AttackerCapabilities, get_attack
-from attacks.samples import sample_images
 from attacks.scoring.metrics import score
 from attacks.scoring.population import Reference
 from defenses import get_defense
@@ -35,6 +34,7 @@ from fl.simulation import (
     observe_client_step,
     resolve_device,
 )
+from tests._support.samples import sample_images
 
 GRANTED = AttackerCapabilities(knows_labels=True)
 BLIND = AttackerCapabilities(knows_lr=False, knows_local_steps=False)

@@ -238,8 +238,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     print(f"attacks (every one also takes {', '.join(AttackParams.model_fields)}):")
     for name in available_attacks():
         cls = attack_class(name)
-        kinds = "/".join(cls.requirements.kinds)
-        needs = "; needs knows_bn_stats" if cls.requirements.bn_stats else ""
+        needed = cls().requirements()  # with the attack's defaults
+        kinds = "/".join(needed.kinds)
+        needs = "; needs knows_bn_stats" if needed.bn_stats else ""
         print(f"  {name} ({kinds}{needs}): {(cls.__doc__ or '').strip().splitlines()[0]}")
         for key, field in cls.Params.model_fields.items():
             if key not in AttackParams.model_fields or key == "iterations":

@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from attacks import AttackerCapabilities, attack_class, available_attacks
+from attacks.inverting_gradients import BATCH_VICTIMS_DESCRIPTION, BatchVictims
 from defenses import ParamSpec, available_defenses, defense_class
 from fl import data as fl_data
 from fl import models as fl_models
@@ -166,13 +167,7 @@ class AttackSection(BaseModel):
         description="What the attacker is granted beyond the observation (labels, learning "
         "rate, local steps, batch size, the returned BatchNorm buffers).",
     )
-    batch_victims: Literal["auto", "on", "off"] = Field(
-        "off",
-        description="Reconstruct this attack's victims in one batched optimisation (Inverting "
-        "Gradients on FedSGD): 'on', 'off', or 'auto' (on a GPU only; slower on CPUs). Equal "
-        "to separate runs up to float rounding, which signed Adam can amplify on long runs. "
-        "Not yet verified on CUDA (benchmarks/gpu_check.py checks it): an opt-in there.",
-    )
+    batch_victims: BatchVictims = Field("off", description=BATCH_VICTIMS_DESCRIPTION)
 
     @field_validator("name")
     @classmethod
@@ -209,7 +204,7 @@ class AttackSection(BaseModel):
             value = getattr(attack.params, key)
             if value > most:
                 raise ValueError(f"params.{key}: at most {most} (found {value})")
-        if attack.needs_bn_stats() and not self.capabilities.knows_bn_stats:
+        if attack.requirements().bn_stats and not self.capabilities.knows_bn_stats:
             raise ValueError(
                 f"attack {self.name!r} (so configured) matches the BatchNorm statistics the "
                 "client's returned buffers reveal; grant them with capabilities: "
@@ -360,7 +355,9 @@ class StudyConfig(BaseModel):
         "attacks and the Optuna sampler; in [0, 2**32).",
     )
     plugins: list[Annotated[str, Field(pattern=MODULE_PATTERN)]] = Field(
-        default_factory=list, description="Modules imported first (custom defenses, attacks)."
+        default_factory=list,
+        description="Modules imported first: they register custom defenses, attacks, models, "
+        "datasets or objectives (shipped to every Ray worker).",
     )
     data: DataSection = Field(description="The dataset, where its files are, the image size.")
     model: ModelSection = Field(description="The model: its name and options.")
@@ -491,7 +488,7 @@ class StudyConfig(BaseModel):
         if len(set(labels)) != len(labels):
             raise ValueError("two attacks share a name; give one of them a distinct `label`")
         for i, attack in enumerate(self.attacks):
-            kinds = attack_class(attack.name).requirements.kinds
+            kinds = attack_class(attack.name)(**attack.params).requirements().kinds
             if kind not in kinds:
                 raise ValueError(
                     f"attacks.{i} ({attack.name}) works on {'/'.join(kinds)} messages but "
@@ -625,7 +622,8 @@ def _check_value(cls: type, name: str, key: str, value: Any) -> None:
 
 
 def import_plugins(modules: list[str]) -> None:
-    """Import the study's plugin modules (they register custom defenses/attacks/objectives).
+    """Import the study's plugin modules (they register custom attacks, defenses, models,
+    datasets and objectives; :mod:`orchestrator.registry` ships them to Ray's workers).
 
     Only modules the user named explicitly are imported. A name that is not an absolute dotted
     module name, or a module that fails to import (not found, a ``SyntaxError``, any exception

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from attacks.samples import sample_images
+from tests._support.samples import sample_images
 
 
 @pytest.fixture(scope="session")

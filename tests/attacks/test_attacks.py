@@ -15,17 +15,17 @@ from attacks import (
     available_attacks,
     get_attack,
 )
-from attacks.gradient import unrolled_update
-from attacks.labels import batch_labels, idlg_label
-from attacks.objectives import (
+from attacks._machinery.matching import unrolled_update
+from attacks._machinery.objectives import (
     cosine_distance,
     dummy_gradients,
     l2_distance,
     normalized_l2_distance,
     select_parameters,
 )
+from attacks._machinery.setup import InversionSetup
+from attacks.labels import batch_labels, idlg_label
 from attacks.scoring.metrics import score
-from attacks.setup import InversionSetup
 from fl import models
 from fl.simulation import normalize, observe_client_step
 
@@ -260,3 +260,46 @@ def test_readme_python_api_example(real_images_16) -> None:
         model, images, labels, algorithm="fedavg", lr=0.1, local_steps=1
     )
     assert get_attack("dlm_plus", iterations=2).run(obs).images.shape == images.shape
+
+
+def test_one_requirements_hook_per_attack_per_message_kind() -> None:
+    """``requirements(kind)`` is the one hook: FedAvg unrolling needs lr and steps, the
+    BatchNorm prior (as configured) the statistics; ``None`` lists the kinds an attack takes."""
+    ig, stg = get_attack("inverting_gradients"), get_attack("see_through_gradients")
+    assert ig.requirements().kinds == ("gradient", "weights") and not ig.requirements().bn_stats
+    weights = ig.requirements("weights")
+    assert weights.kinds == ("weights",) and weights.lr and weights.local_steps
+    assert not ig.requirements("gradient").lr
+    assert get_attack("inverting_gradients", bn_project=True).requirements("gradient").bn_stats
+    assert stg.requirements().bn_stats and stg.requirements("weights").lr
+    assert get_attack("dlm_plus").requirements().kinds == ("weights",)
+    assert get_attack("dlg").requirements("gradient").kinds == ("gradient",)
+
+
+def test_requirements_as_a_class_attribute_is_refused() -> None:
+    """The former declaration (``requirements = Requirements(...)``) would silently shadow the
+    hook: defining such a class says what replaced it."""
+    from attacks import Attack, AttackParams, Requirements
+
+    with pytest.raises(TypeError, match=r"must be a method"):
+
+        class Old(Attack[AttackParams]):
+            requirements = Requirements(kinds=("weights",))  # type: ignore[assignment]
+
+
+def test_the_priors_follow_the_prior_protocol(real_images_16) -> None:
+    """The BatchNorm and feature priors are :class:`attacks.priors.Prior`s; inactive ones add
+    exactly 0.0 to a loss."""
+    from attacks.priors import Prior, recording, with_priors
+    from attacks.priors.bn_prior import bn_prior
+    from attacks.priors.features import feature_prior
+
+    model = lenet()
+    obs, _ = observe_client_step(model, real_images_16[:1], torch.tensor([3]))
+    setup = InversionSetup.from_observation(obs)
+    priors = [bn_prior({}, setup, 0.0, 10.0), feature_prior(obs, model, torch.tensor([3]), 0.0)]
+    assert all(isinstance(p, Prior) for p in priors)
+    loss = torch.tensor(0.25)
+    with recording(priors):
+        model(real_images_16[:1])
+    assert torch.equal(with_priors(loss, priors), loss)

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from attacks import AttackerCapabilities, Reconstruction, get_attack
+from attacks._machinery.optim import run_signed_adam, run_signed_adam_batched
 from attacks.inverting_gradients import batching_obstacle
-from attacks.optim import run_signed_adam, run_signed_adam_batched
 from fl import models
 from fl.simulation import observe_client_step
 from fl.simulation.observation import Observation

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from attacks import AttackerCapabilities, ThreatModelError, get_attack
-from attacks.bn_stats import BatchNormRecorder, batchnorm_targets, step_batch_sizes
-from attacks.gradient import unrolled_update
+from attacks._machinery.matching import unrolled_update
+from attacks._machinery.setup import InversionSetup
+from attacks.priors.bn_stats import BatchNormRecorder, batchnorm_targets, step_batch_sizes
 from attacks.scoring.metrics import score
-from attacks.setup import InversionSetup
 from fl import models
 from fl.simulation import normalize, observe_client_step
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from attacks import AttackerCapabilities, get_attack
+from attacks._machinery.convolution import exact_convolutions
 from attacks.base import local_rng, restart_generator
-from attacks.consensus import registered_mean, registration
-from attacks.convolution import exact_convolutions
+from attacks.priors.consensus import registered_mean, registration
 from fl import models
 from fl.simulation import denormalize, observe_client_step
 

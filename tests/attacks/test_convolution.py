@@ -1,5 +1,5 @@
-"""attacks.convolution: bit-identical values to F.conv2d, without the unused double-backward
-weight products."""
+"""attacks._machinery.convolution: bit-identical values to F.conv2d, without the unused
+double-backward weight products."""
 
 from __future__ import annotations
 
@@ -14,14 +14,14 @@ from torch.func import functional_call
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from attacks import AttackConfigError, get_attack
-from attacks.convolution import (
+from attacks._machinery.convolution import (
     Conv2dForInversion,
     ExactInversionConvolutions,
     exact_convolutions,
     inversion_convolutions,
     uses_exact_convolutions,
 )
-from attacks.objectives import cosine_distance, dummy_gradients, l2_distance
+from attacks._machinery.objectives import cosine_distance, dummy_gradients, l2_distance
 from fl import models
 from fl.simulation import observe_client_step
 
@@ -236,7 +236,8 @@ def test_the_mode_is_off_on_cuda_unless_opted_in(caplog: pytest.LogCaptureFixtur
     assert uses_exact_convolutions(cpu) and not uses_exact_convolutions(cuda)
     with exact_convolutions("off"):
         assert not uses_exact_convolutions(cpu) and not uses_exact_convolutions(cuda)
-    with caplog.at_level("WARNING", logger="attacks.convolution"), exact_convolutions("on"):
+    logger = "attacks._machinery.convolution"
+    with caplog.at_level("WARNING", logger=logger), exact_convolutions("on"):
         assert uses_exact_convolutions(cpu) and uses_exact_convolutions(cuda)
         assert uses_exact_convolutions(cuda)
     assert caplog.text.count("not yet verified") == 1

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from attacks.features import feature_prior, feature_targets
+from attacks.priors.features import feature_prior, feature_targets
 from fl import models
 from fl.simulation import normalize, observe_client_step
 

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from attacks import infer_labels
+from attacks._machinery.setup import InversionSetup
 from attacks.labels import LABEL_RULES, auto_rule, has_batchnorm_buffers, round_counts
-from attacks.setup import InversionSetup
 from fl import data, models
 from fl.simulation import observe_client_step
 

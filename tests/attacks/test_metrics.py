@@ -315,9 +315,9 @@ def test_reconstruction_carries_the_observations_flat_value(
     mean: tuple[float, ...] | None, std: tuple[float, ...] | None, want: tuple[float, ...]
 ) -> None:
     from attacks import get_attack
-    from attacks.samples import sample_images
     from fl import models
     from fl.simulation import observe_client_step
+    from tests._support.samples import sample_images
 
     torch.manual_seed(0)
     model = models.build("lenet", channels=1, classes=2, image_size=16)

@@ -7,15 +7,15 @@ import copy
 import torch
 
 from attacks import AttackerCapabilities, get_attack
-from attacks.objectives import cosine_distance, weighted_sq_norm
+from attacks._machinery.objectives import cosine_distance, weighted_sq_norm
+from attacks._machinery.setup import InversionSetup
 from attacks.reconstruction import Reconstruction
-from attacks.reference import textbook_inverting_gradients
-from attacks.samples import sample_images
 from attacks.scoring.metrics import score
-from attacks.setup import InversionSetup
 from fl import models
 from fl.simulation import observe_client_step
 from fl.simulation.normalization import denormalize
+from tests._support.reference import textbook_inverting_gradients
+from tests._support.samples import sample_images
 
 
 def test_our_inverting_gradients_follows_the_textbook_loop(float64: None) -> None:

@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 
-from attacks.samples import sample_images
 from defenses import DefenseConfigError, get_defense
 from defenses.dp_sgd import DPSGD, per_example_gradients
 from fl import data, models
 from fl.simulation import ClientContext, FederationConfig, PartitionConfig, Simulator
+from tests._support.samples import sample_images
 
 
 def make_ctx(client: int = 0, seed: int = 0, client_size: int | None = None) -> ClientContext:

@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 
 from attacks import get_attack
-from attacks.samples import sample_images
 from attacks.scoring.metrics import score
 from defenses import DefenseConfigError, get_defense
 from defenses.obscure import Obscure, ObscureGenerator
@@ -24,6 +23,7 @@ from fl.simulation import (
     normalize,
     observe_client_step,
 )
+from tests._support.samples import sample_images
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,12 @@ import torch
 from torch import nn
 
 from attacks import AttackerCapabilities, get_attack
-from attacks.samples import sample_images
 from attacks.scoring.metrics import score
 from defenses import DefenseConfigError, available_defenses, get_defense
 from defenses.precode import PRECODE_AWARE_IGNORE, Precode, VariationalBottleneck
 from fl import models
 from fl.simulation import observe_client_step
+from tests._support.samples import sample_images
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -13,7 +13,6 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from attacks.samples import sample_images
 from defenses import DefenseConfigError, available_defenses, get_defense
 from defenses.shadow import (
     InvertingGradientsShadow,
@@ -33,6 +32,7 @@ from fl.simulation import (
     normalize,
     observe_client_step,
 )
+from tests._support.samples import sample_images
 
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.25, 0.25, 0.25)

@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 
 from attacks import get_attack
-from attacks.samples import sample_images
 from attacks.scoring.metrics import score
 from defenses import DefenseConfigError, get_defense
 from defenses.soteria import Soteria, lowest_units, unit_scores
 from fl import models
 from fl.simulation import ClientContext, normalize, observe_client_step
+from tests._support.samples import sample_images
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from attacks.samples import sample_images
 from defenses import DefenseConfigError, get_defense
 from defenses.noise import GradientNoise, draw_noise
 from defenses.pruning import Prune, prune_tensor
@@ -17,6 +16,7 @@ from defenses.weight_dp import WeightDP, clip_rows
 from fl import models
 from fl.data import DatasetInfo, ImageData
 from fl.simulation import ClientContext, FederationConfig, Simulator, observe_client_step
+from tests._support.samples import sample_images
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from attacks.samples import sample_images
 from attacks.scoring.metrics import score_images
 from attacks.scoring.population import Reference
 from orchestrator.metrics import (
@@ -17,6 +16,7 @@ from orchestrator.metrics import (
     validate_metric,
     worst_case,
 )
+from tests._support.samples import sample_images
 
 
 def _scored(

@@ -375,8 +375,8 @@ def test_attacks_optional_columns_and_validation(store: ResultStore) -> None:
 
 
 def test_attack_record_keeps_psnr_gain(store: ResultStore) -> None:
-    from attacks.samples import sample_images
     from attacks.scoring.metrics import score_images
+    from tests._support.samples import sample_images
 
     truth = sample_images(16, 2).double()
     scored = score_images((truth + 0.05).clamp(0, 1), truth, lpips=False, flat=(0.4, 0.3, 0.2))

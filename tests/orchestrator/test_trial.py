@@ -204,11 +204,11 @@ def test_batched_victims_give_the_same_trial_as_separate_runs(tiny_study, monkey
 def test_batched_victims_on_cuda_are_an_opt_in_with_a_warning(caplog) -> None:
     """Not yet run on a GPU: 'off' (the default) runs victims one by one on CUDA too; 'auto'
     and 'on' batch them there with a warning that the path is unverified."""
-    from orchestrator.trial import _batch_victims
+    from attacks.inverting_gradients import batch_victims
 
     cuda, cpu = torch.device("cuda:0"), torch.device("cpu")
-    with caplog.at_level("WARNING", logger="orchestrator.trial"):
-        assert not _batch_victims("off", cuda) and not _batch_victims("auto", cpu)
+    with caplog.at_level("WARNING", logger="attacks.inverting_gradients.params"):
+        assert not batch_victims("off", cuda) and not batch_victims("auto", cpu)
         assert "not yet verified" not in caplog.text
-        assert _batch_victims("auto", cuda) and _batch_victims("on", cuda)
+        assert batch_victims("auto", cuda) and batch_victims("on", cuda)
     assert caplog.text.count("not yet verified") == 2

@@ -141,7 +141,7 @@ def batchnorm_targets(obs: Observation) -> dict[str, BatchNormTarget]:
 
     Example:
         >>> targets = batchnorm_targets(obs)  # doctest: +SKIP
-        >>> targets["features.norm0"].mean  # the batch's mean per channel after conv0
+        >>> targets["features.norm0"].mean  # doctest: +SKIP
     """
     layers = batchnorm_layers(obs.model)
     if not layers:

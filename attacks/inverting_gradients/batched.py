@@ -19,29 +19,26 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from attacks.base import Attempt, build_reconstruction, local_rng, restart_generator
-from attacks.label_modes import LabelPlan, plan_labels
-from attacks.objectives import (
+from attacks._machinery.objectives import (
     cosine_distance,
     layer_weights,
     soft_cross_entropy,
     total_variation,
     weighted_sq_norm,
 )
-from attacks.optim import run_signed_adam_batched
+from attacks._machinery.optim import run_signed_adam_batched
+from attacks._machinery.setup import InversionSetup
+from attacks.base import Attempt, build_reconstruction, local_rng, restart_generator
+from attacks.inverting_gradients.params import InvertingGradientsParams
+from attacks.labels.plans import LabelPlan, plan_labels
 from attacks.reconstruction import Reconstruction
-from attacks.setup import InversionSetup
 from fl.models.base import SplitModel
 from fl.simulation.observation import Observation
-
-if TYPE_CHECKING:
-    from attacks.inverting_gradients import InvertingGradientsParams
 
 __all__ = ["run_batched", "victims_obstacle"]
 

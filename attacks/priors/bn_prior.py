@@ -1,5 +1,7 @@
-"""What gradient-matching attacks differentiate: the dummy batch's gradient (FedSGD) or its
-unrolled local update (FedAvg), and the optional BatchNorm-statistics prior beside it."""
+"""The BatchNorm-statistics prior of gradient inversion (DeepInversion's distance, Yin et al.,
+CVPR 2020; GradInversion, CVPR 2021): the dummy batch's per-layer statistics pulled toward those
+the client's returned buffers reveal (:mod:`attacks.priors.bn_stats`), and the projection of
+the first layer's channel means onto them."""
 
 from __future__ import annotations
 
@@ -8,34 +10,14 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from attacks.bn_stats import (
+from attacks._machinery.setup import InversionSetup
+from attacks.priors.bn_stats import (
     BatchNormRecorder,
     BatchNormTarget,
     FirstLayerMeans,
     batchnorm_targets,
 )
-from attacks.gradient import unrolled_update
-from attacks.objectives import dummy_gradients
-from attacks.setup import InversionSetup
 from fl.simulation.observation import Observation
-
-Matched = Callable[[torch.Tensor], list[torch.Tensor]]
-"""Dummy batch -> the quantity matched to the observed message, per matched parameter."""
-
-
-def matching(
-    obs: Observation, setup: InversionSetup, targets: Callable[[], torch.Tensor]
-) -> Matched:
-    """The dummy gradient for a gradient message; for a weights message the update of the
-    client's local SGD unrolled with its known learning rate, steps and batch size (Geiping et
-    al. 2020, FedAvg variant)."""
-    if obs.kind == "gradient":
-        return lambda x: list(dummy_gradients(setup.model, setup.params, x, targets()))
-    if obs.lr is None or obs.local_steps is None:
-        raise ValueError("an unrolled FedAvg update needs the client's lr and local steps")
-    lr, steps = obs.lr, obs.local_steps
-    batch = obs.batch_size or setup.shape[0]
-    return lambda x: unrolled_update(setup, x, targets(), lr, steps, batch)
 
 
 class BatchNormPrior:
@@ -72,7 +54,7 @@ class BatchNormPrior:
 
 
 def revealed_statistics(obs: Observation, needed: bool) -> dict[str, BatchNormTarget]:
-    """:func:`attacks.bn_stats.batchnorm_targets` of ``obs`` when an attack ``needed`` them
+    """:func:`attacks.priors.bn_stats.batchnorm_targets` of ``obs`` when an attack ``needed`` them
     (derived once per attempt, for the prior and the projection alike), else ``{}``."""
     return batchnorm_targets(obs) if needed else {}
 

@@ -20,7 +20,7 @@ With softmax cross-entropy the last layer's bias gradient of a batch of B images
   DeepInversion's BatchNorm distance (Yin et al., CVPR 2020) to the statistics the returned
   buffers reveal (:func:`batchnorm_matched_statistics`); ``bias_corrected`` without buffers.
 * ``running_matched`` -- the same with the dummies fitted to the running statistics of the
-  model the server sent (:func:`attacks.bn_stats.running_targets`), which needs no returned
+  model the server sent (:func:`attacks.priors.bn_stats.running_targets`), which needs no returned
   buffers; ``guarded_ilrg`` while no batch has been tracked.
 * ``feature_posterior`` -- the iLRG embedding of an absent class's row is an exact convex
   combination of the batch's features (every per-image weight is ``p_nc > 0``); absent classes
@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attacks.bn_stats import (
+from attacks.priors.bn_stats import (
     BatchNormRecorder,
     BatchNormTarget,
     batchnorm_layers,
@@ -362,19 +362,20 @@ def batchnorm_matched_statistics(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """As :func:`dummy_statistics`, on one dummy batch of the client's batch size optimised
     first for ``steps`` Adam steps on DeepInversion's BatchNorm distance alone (Yin et al.,
-    CVPR 2020, eq. 7; :class:`attacks.bn_stats.BatchNormRecorder`) to the statistics the
-    returned buffers reveal (:func:`attacks.bn_stats.batchnorm_targets`). A batch with the real
-    batch's feature statistics gets the model's predictions on it: on the BatchNorm ConvNet
+    CVPR 2020, eq. 7; :class:`attacks.priors.bn_stats.BatchNormRecorder`) to the statistics the
+    returned buffers reveal (:func:`attacks.priors.bn_stats.batchnorm_targets`). A batch with the
+    real batch's feature statistics gets the model's predictions on it: on the BatchNorm ConvNet
     after 5 FedAvg rounds the mean-posterior L1 error falls from 0.45 (smooth dummies) to 0.07.
 
     Args:
         obs: a client step with BatchNorm buffers (:func:`has_batchnorm_buffers`).
         steps: Adam steps; seed: the dummies' generator seed.
         targets: statistics to match instead of the revealed ones (e.g.
-            :func:`attacks.bn_stats.running_targets`).
+            :func:`attacks.priors.bn_stats.running_targets`).
 
     Raises:
-        ValueError: the buffers are missing (from :func:`attacks.bn_stats.batchnorm_targets`).
+        ValueError: the buffers are missing (from
+            :func:`attacks.priors.bn_stats.batchnorm_targets`).
 
     Example:
         >>> pbar, feature_sum = batchnorm_matched_statistics(obs)  # doctest: +SKIP
@@ -547,7 +548,7 @@ def infer_labels(obs: Observation, method: str = "auto") -> torch.Tensor:
     :func:`mixed_rows`, are replaced by the dummy batches' mean posterior), ``bn_matched``
     (``pbar`` from BatchNorm-matched dummies, :func:`batchnorm_matched_statistics`),
     ``running_matched`` (the same, matched to the sent model's running statistics,
-    :func:`attacks.bn_stats.running_targets`: needs no returned buffers) and
+    :func:`attacks.priors.bn_stats.running_targets`: needs no returned buffers) and
     ``feature_posterior`` (:func:`feature_posterior_counts`). Real-valued counts are rounded to
     non-negative integers summing to the batch (:func:`round_counts`).
 

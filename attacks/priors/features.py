@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from attacks.labels import last_layer_of, last_layer_update
+from attacks.labels.inference import last_layer_of, last_layer_update
 from fl.simulation.observation import Observation
 
 FIXED_POINT_STEPS = 50

@@ -9,10 +9,20 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from attacks.setup import InversionSetup
+from attacks._machinery.setup import InversionSetup
 from fl.simulation.observation import Observation
 
 LabelMode = Literal["auto", "known", "infer", "soft"]
+
+
+def labels_description(default: Literal["infer", "soft"]) -> str:
+    """The description of an attack's ``labels`` parameter whose ``auto`` falls back to
+    ``default`` when the labels are not granted."""
+    return (
+        "How the attack obtains the batch's labels: 'known' (granted: knows_labels), 'infer' "
+        "(read off the last layer's update, attacks.infer_labels), 'soft' (dummy logits "
+        f"optimised jointly, DLG) or 'auto' (known when granted, else '{default}')."
+    )
 
 
 @dataclass

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attacks.convolution import inversion_convolutions
+from attacks._machinery.convolution import inversion_convolutions
 
 
 def select_parameters(
@@ -73,7 +73,7 @@ def dummy_gradients(
 ) -> tuple[torch.Tensor, ...]:
     """Gradient of the training loss on dummy data w.r.t. ``params``, differentiable in the
     dummy data (double backward) when ``create_graph``; then the convolutions run through
-    :func:`attacks.convolution.inversion_convolutions` (bit-identical values, a double
+    :func:`attacks._machinery.convolution.inversion_convolutions` (bit-identical values, a double
     backward without the products nobody asked for)."""
     if not create_graph:
         return torch.autograd.grad(training_loss(model, inputs, targets), list(params))

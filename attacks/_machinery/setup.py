@@ -4,14 +4,24 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 
-from attacks.labels import batch_labels, infer_labels, last_layer_of
-from attacks.objectives import select_parameters
+from attacks._machinery.objectives import select_parameters
+from attacks.labels.inference import batch_labels, infer_labels, last_layer_of
 from attacks.scoring.metrics import flat_value
 from fl.simulation.observation import Observation
+
+DummyInit = Literal["randn", "rand", "grey", "mean"]
+"""How :meth:`InversionSetup.dummy` initialises a dummy batch."""
+
+INIT_DESCRIPTION = (
+    "The initial dummy batch: 'randn' N(0, 1) (DLG, Inverting Gradients), 'rand' uniform over "
+    "the valid pixel box, 'grey' the mid-grey image, 'mean' the flat image at the dataset mean."
+)
+"""The description of the attacks' ``init`` parameter."""
 
 
 @dataclass
@@ -21,7 +31,8 @@ class InversionSetup:
     ``target`` is the gradient (FedSGD) or the weight update ``W_t - W_{t+1}`` (FedAvg), per
     matched parameter. ``lower``/``upper`` bound the model's input space so that images stay in
     [0, 1] after denormalisation (shape (1, C, 1, 1)). ``observation`` is kept for label
-    inference (:func:`attacks.labels.infer_labels` reads the model and the message's bias).
+    inference (:func:`attacks.labels.inference.infer_labels` reads the model and the message's
+    bias).
     """
 
     model: nn.Module
@@ -103,10 +114,11 @@ class InversionSetup:
                 x.copy_(torch.maximum(torch.minimum(x, self.upper), self.lower))
 
     def inferred_labels(self) -> torch.Tensor:
-        """Labels from the last layer's update: :func:`attacks.labels.infer_labels` (``auto``:
-        iDLG's exact rule for one image, iLRG guarded by the bias-corrected rule for a batch's
-        gradient or one-step update) when the observation is kept, else the sign-and-magnitude
-        rule :func:`attacks.labels.batch_labels` on ``last_layer_update``."""
+        """Labels from the last layer's update:
+        :func:`attacks.labels.inference.infer_labels` (``auto``: iDLG's exact rule for one image,
+        iLRG guarded by the bias-corrected rule for a batch's gradient or one-step update) when the
+        observation is kept, else the sign-and-magnitude rule
+        :func:`attacks.labels.inference.batch_labels` on ``last_layer_update``."""
         if self.observation is not None:
             labels = infer_labels(self.observation)
         else:
