@@ -434,16 +434,22 @@ def score_images(
         device=device,
         backbone=None if lpips_backbone is None else str(lpips_backbone),
     )
+    return _scored(ctx, success_psnr, lpips_status, nonfinite)
+
+
+def _scored(ctx: ScoringContext, success_psnr: float, lpips_status: str, nonfinite: int) -> Score:
+    """The :class:`Score` of a batch: every metric of the table per image, and its statistics."""
+    n = ctx.truth.shape[0]
     values = compute(ctx)
     images = [ImageScore(i, {k: v[i] for k, v in values.items()}) for i in range(n)]
     return Score(
         n_images=n,
-        assignment_cost="mse" if lpips_dist is None else "lpips",
-        assignment=assignment,
+        assignment_cost="mse" if ctx.lpips is None else "lpips",
+        assignment=ctx.assignment,
         flat_value=[float(v) for v in ctx.flat],
         flat_psnr_mean=float(np.mean(ctx.flat_psnr)),
-        prior="flat" if reference is None else "mean_image",
-        identification_pool=None if reference is None else n + int(reference.pool.shape[0]),
+        prior="flat" if ctx.reference is None else "mean_image",
+        identification_pool=None if ctx.reference is None else n + len(ctx.reference.pool),
         success_psnr=float(success_psnr),
         lpips_status=lpips_status,
         rec_nonfinite_pixels=nonfinite,
