@@ -227,8 +227,24 @@ def models_and_datasets_reference() -> str:
     return "\n".join(out) + "\n"
 
 
+def metrics_reference() -> str:
+    """The metric reference page: the per-image metrics and trial statistics of the one metric
+    table (:mod:`attacks.scoring.table`)."""
+    from attacks.scoring.table import reference_markdown
+
+    return (
+        "# Metric reference\n\n"
+        "Generated from `attacks/scoring/table.py`, the one place a per-image metric is declared "
+        "(see [adding a metric](../metrics.md#adding-a-metric)). Each per-image metric is a key of "
+        "a scored image and a column of `attacks.parquet`; each trial statistic is reported per "
+        "attack (`<attack>_<name>`) and as the worst case over attacks (`attack_<name>`).\n\n"
+        + reference_markdown()
+    )
+
+
 PAGES = {
     "reference/study-file.md": study_file_reference,
+    "reference/metrics.md": metrics_reference,
     "reference/attacks.md": attacks_reference,
     "reference/defenses.md": defenses_reference,
     "reference/models-and-datasets.md": models_and_datasets_reference,
