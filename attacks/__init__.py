@@ -18,6 +18,7 @@ from attacks import inverting_gradients as _inverting  # noqa: F401  (registers 
 from attacks import see_through as _see_through  # noqa: F401  (registers see_through_gradients)
 from attacks import weights as _weights  # noqa: F401  (registers dlm, dlm_plus)
 from attacks.base import (
+    ATTACKS,
     Attack,
     AttackConfigError,
     AttackParams,
@@ -27,12 +28,15 @@ from attacks.base import (
     available_attacks,
     get_attack,
     register_attack,
+    unregister_attack,
 )
 from attacks.labels import infer_labels
 from attacks.reconstruction import Reconstruction
 from attacks.threat import AttackerCapabilities, Requirements, ThreatModelError
 
 __all__ = [
+    "ATTACKS",
+    "BUILTIN_ATTACKS",
     "Attack",
     "AttackConfigError",
     "AttackParams",
@@ -47,7 +51,8 @@ __all__ = [
     "get_attack",
     "infer_labels",
     "register_attack",
+    "unregister_attack",
 ]
 
 #: The attacks that ship with Obscura (registered at import); anything else is a user's.
-BUILTIN_ATTACKS = frozenset(available_attacks())
+BUILTIN_ATTACKS = ATTACKS.mark_builtin()

@@ -18,6 +18,7 @@ from attacks.priors.consensus import registered_mean
 from attacks.reconstruction import Reconstruction
 from attacks.scoring.metrics import flat_value
 from attacks.threat import AttackerCapabilities, Requirements
+from fl.registry import Registry
 from fl.simulation.normalization import denormalize
 from fl.simulation.observation import MessageKind, Observation
 
@@ -242,36 +243,39 @@ class Attack(ABC, Generic[P]):
         return [self.run(o, capabilities) for o in observations]
 
 
-_REGISTRY: dict[str, type[Attack]] = {}
+ATTACKS: Registry[type[Attack]] = Registry(
+    "attack", UnknownAttackError, taken_message="an attack named {name!r} is already registered"
+)
+"""Attack name -> class: the built-ins (marked in :mod:`attacks`) and users' own."""
 _A = TypeVar("_A", bound=type[Attack])
 
 
-def register_attack(name: str) -> Callable[[_A], _A]:
-    """Class decorator registering an attack under ``name`` (also for users' own attacks)."""
+def register_attack(name: str, *, replace: bool = False) -> Callable[[_A], _A]:
+    """Class decorator registering an attack under ``name`` (also for users' own attacks);
+    another class under a taken name raises ``ValueError`` unless ``replace``."""
 
     def deco(cls: _A) -> _A:
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"an attack named {name!r} is already registered")
+        ATTACKS.check_free(name, cls, replace=replace)
         cls.name = name
-        _REGISTRY[name] = cls
-        return cls
+        return ATTACKS.register(name, cls, replace=replace)
 
     return deco
 
 
+def unregister_attack(name: str) -> None:
+    """Remove a registered attack (for tests and plugins); an unknown name is ignored."""
+    if name in ATTACKS:
+        ATTACKS.unregister(name)
+
+
 def available_attacks() -> list[str]:
     """Sorted names of the registered attacks."""
-    return sorted(_REGISTRY)
+    return ATTACKS.names()
 
 
 def attack_class(name: str) -> type[Attack]:
-    """The class registered under ``name``."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise UnknownAttackError(
-            f"unknown attack {name!r}; known attacks: {', '.join(available_attacks())}"
-        ) from None
+    """The class registered under ``name`` (:class:`UnknownAttackError` lists the known ones)."""
+    return ATTACKS.get(name)
 
 
 def get_attack(name: str, **params: object) -> Attack:

@@ -18,6 +18,7 @@ from defenses import (  # noqa: F401  (importing registers the built-in defenses
     weight_dp,
 )
 from defenses.base import (
+    DEFENSES,
     Defense,
     DefenseConfigError,
     DefenseParams,
@@ -32,6 +33,8 @@ from defenses.base import (
 )
 
 __all__ = [
+    "BUILTIN_DEFENSES",
+    "DEFENSES",
     "Defense",
     "DefenseConfigError",
     "DefenseParams",
@@ -46,4 +49,4 @@ __all__ = [
 ]
 
 #: The defenses that ship with Obscura (registered at import); anything else is a user's.
-BUILTIN_DEFENSES = frozenset(available_defenses())
+BUILTIN_DEFENSES = DEFENSES.mark_builtin()

@@ -14,6 +14,7 @@ from typing import Any, ClassVar, Generic, Literal, TypeVar, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from fl.registry import Registry
 from fl.simulation.hooks import ClientHooks
 
 
@@ -107,44 +108,41 @@ class Defense(ClientHooks, Generic[D]):
         return cls.Params().model_dump()
 
 
-_REGISTRY: dict[str, type[Defense]] = {}
+DEFENSES: Registry[type[Defense]] = Registry(
+    "defense", UnknownDefenseError, taken_message="a defense named {name!r} is already registered"
+)
+"""Defense name -> class: the built-ins (marked in :mod:`defenses`) and users' own."""
 _D = TypeVar("_D", bound=type[Defense])
 
 
-def register_defense(name: str) -> Callable[[_D], _D]:
-    """Class decorator registering a defense under ``name`` (also for users' own defenses).
+def register_defense(name: str, *, replace: bool = False) -> Callable[[_D], _D]:
+    """Class decorator registering a defense under ``name`` (also for users' own defenses);
+    another class under a taken name raises ``ValueError`` unless ``replace``.
 
     Checks that every search-space key is a hyperparameter of the defense.
     """
 
     def deco(cls: _D) -> _D:
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"a defense named {name!r} is already registered")
+        DEFENSES.check_free(name, cls, replace=replace)
         unknown = set(cls.search_space) - set(cls.Params.model_fields)
         if unknown:
             raise ValueError(
                 f"defense {name!r}: search_space names unknown fields {sorted(unknown)}"
             )
         cls.name = name
-        _REGISTRY[name] = cls
-        return cls
+        return DEFENSES.register(name, cls, replace=replace)
 
     return deco
 
 
 def available_defenses() -> list[str]:
     """Sorted names of the registered defenses."""
-    return sorted(_REGISTRY)
+    return DEFENSES.names()
 
 
 def defense_class(name: str) -> type[Defense]:
-    """The class registered under ``name``."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise UnknownDefenseError(
-            f"unknown defense {name!r}; known defenses: {', '.join(available_defenses())}"
-        ) from None
+    """The class registered under ``name`` (:class:`UnknownDefenseError` lists the known ones)."""
+    return DEFENSES.get(name)
 
 
 def get_defense(name: str, **params: Any) -> Defense:
@@ -153,8 +151,9 @@ def get_defense(name: str, **params: Any) -> Defense:
 
 
 def unregister_defense(name: str) -> None:
-    """Remove a registered defense (for tests and plugins)."""
-    _REGISTRY.pop(name, None)
+    """Remove a registered defense (for tests and plugins); an unknown name is ignored."""
+    if name in DEFENSES:
+        DEFENSES.unregister(name)
 
 
 @register_defense("none")

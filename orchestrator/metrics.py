@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from fl.registry import Registry
 from orchestrator.values import finite_or_none
 
 UTILITY = ("test_accuracy", "test_balanced_accuracy", "test_macro_f1", "test_auroc", "test_loss")
@@ -78,31 +79,51 @@ class CustomObjective:
     description: str = ""
 
 
-_CUSTOM: dict[str, CustomObjective] = {}
+class UnknownObjectiveError(ValueError):
+    """No custom objective is registered under that name; the message lists the known ones."""
+
+
+OBJECTIVES: Registry[CustomObjective] = Registry("objective", UnknownObjectiveError)
+"""Custom objective name -> objective (none ships with Obscura: the built-ins are metrics)."""
+_CUSTOM = OBJECTIVES  # the name the metric code here uses
 
 
 def register_objective(
-    name: str, fn: Callable[[dict[str, Any]], float] | None = None, *, description: str = ""
+    name: str,
+    fn: Callable[[dict[str, Any]], float] | None = None,
+    *,
+    description: str = "",
+    replace: bool = True,
 ) -> Any:
     """Register a custom objective usable by name in a study's ``objectives``.
 
     ``fn(result)`` receives a dict with ``metrics`` (every metric above), ``rounds`` (a list of
     per-round dicts) and ``attacks`` (a list of per-image attack records) and returns a float.
     Usable as ``register_objective("name", fn)`` or as a decorator ``@register_objective("name")``.
+    Registering a taken name replaces its objective (as it always has: a notebook cell run again)
+    unless ``replace=False``, which raises ``ValueError`` as the other registries do.
     """
 
     def deco(f: Callable[[dict[str, Any]], float]) -> Callable[[dict[str, Any]], float]:
         if name in builtin_names() and name not in _CUSTOM:
             raise ValueError(f"{name!r} is a built-in metric name; choose another name")
-        _CUSTOM[name] = CustomObjective(name, f, description)
+        current = _CUSTOM.get(name) if name in _CUSTOM else None
+        if current is None or current.fn is not f or current.description != description:
+            _CUSTOM.register(name, CustomObjective(name, f, description), replace=replace)
         return f
 
     return deco(fn) if fn is not None else deco
 
 
+def unregister_objective(name: str) -> None:
+    """Remove a custom objective (for tests and plugins); an unknown name is ignored."""
+    if name in _CUSTOM:
+        _CUSTOM.unregister(name)
+
+
 def custom_objectives() -> dict[str, CustomObjective]:
     """The registered custom objectives by name."""
-    return dict(_CUSTOM)
+    return dict(_CUSTOM.items())
 
 
 def builtin_names(attacks: Sequence[str] = ()) -> list[str]:

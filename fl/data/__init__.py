@@ -12,7 +12,8 @@ Usage::
 Registered: the MedMNIST v2 2-D datasets at 28 px except the multi-label ChestMNIST
 (:mod:`fl.data.medmnist`), ``cifar10``/``cifar100``/``mnist``/``fashionmnist`` through torchvision
 (:mod:`fl.data.torchvision_sets`), and ``folder`` for a user's own class-per-folder images
-(:mod:`fl.data.folder`). Further datasets are added with :func:`register`.
+(:mod:`fl.data.folder`). Further datasets are added with :func:`register` (removed with
+:func:`unregister`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from fl.data import folder as _folder  # registers "folder"
 from fl.data import medmnist as _medmnist  # registers the MedMNIST datasets
 from fl.data import torchvision_sets as _torchvision_sets  # registers cifar/mnist sets
 from fl.data.base import (
+    DATASETS,
     SPLITS,
     DatasetError,
     DatasetInfo,
@@ -34,12 +36,15 @@ from fl.data.base import (
     load,
     register,
     resize_images,
+    unregister,
 )
 from fl.data.partition import SCHEMES, label_skew, partition
 
 del _folder, _medmnist, _torchvision_sets
+DATASETS.mark_builtin()
 
 __all__ = [
+    "DATASETS",
     "SCHEMES",
     "SPLITS",
     "DatasetError",
@@ -56,4 +61,5 @@ __all__ = [
     "partition",
     "register",
     "resize_images",
+    "unregister",
 ]

@@ -23,7 +23,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fl.registry import Registry
+
 __all__ = [
+    "DATASETS",
     "SPLITS",
     "DatasetError",
     "DatasetInfo",
@@ -37,6 +40,7 @@ __all__ = [
     "load",
     "register",
     "resize_images",
+    "unregister",
 ]
 
 #: The split names a loader may be asked for.
@@ -219,18 +223,25 @@ class _Entry:
     takes_image_size: bool
 
 
-_REGISTRY: dict[str, _Entry] = {}
-_STATS_CACHE: dict[tuple[str, str, int | None], tuple[tuple[float, ...], tuple[float, ...]]] = {}
-
-#: Functions called by :func:`clear_caches`; other modules append their own cache clearers.
-_CLEAR_HOOKS: list[Callable[[], None]] = []
-
-
 def _normalise_name(name: str) -> str:
     """Registry keys are case-insensitive and stripped."""
     if not isinstance(name, str):
         raise TypeError(f"dataset name must be a string, got {type(name).__name__}")
     return name.strip().lower()
+
+
+DATASETS: Registry[_Entry] = Registry(
+    "dataset",
+    UnknownDatasetError,
+    key=_normalise_name,
+    unknown_message="unknown dataset {name!r}; registered datasets: {choices}",
+    taken_message="dataset {name!r} is already registered; pass replace=True to override",
+)
+"""Dataset name (lower case) -> entry: the built-ins (marked in :mod:`fl.data`) and users' own."""
+_STATS_CACHE: dict[tuple[str, str, int | None], tuple[tuple[float, ...], tuple[float, ...]]] = {}
+
+#: Functions called by :func:`clear_caches`; other modules append their own cache clearers.
+_CLEAR_HOOKS: list[Callable[[], None]] = []
 
 
 def _generic_info(name: str) -> DatasetInfo:
@@ -263,8 +274,7 @@ def register(
         raise ValueError("dataset name must be non-empty")
     if info is not None and _normalise_name(info.name) != key:
         raise ValueError(f"info.name {info.name!r} does not match registered name {name!r}")
-    if key in _REGISTRY and not replace:
-        raise ValueError(f"dataset {key!r} is already registered; pass replace=True to override")
+    DATASETS.check_free(key, replace=replace)
     resolved_info = info if info is not None else _generic_info(key)
 
     def decorator(loader: Loader) -> Loader:
@@ -272,26 +282,25 @@ def register(
         if not callable(loader):
             raise TypeError(f"loader for {key!r} must be callable")
         params = inspect.signature(loader).parameters
-        _REGISTRY[key] = _Entry(resolved_info, loader, "image_size" in params)
+        DATASETS.register(key, _Entry(resolved_info, loader, "image_size" in params), replace=True)
         return loader
 
     return decorator
 
 
+def unregister(name: str) -> None:
+    """Remove a registered dataset (mainly for tests and plugins); unknown names raise."""
+    DATASETS.unregister(name)
+
+
 def available() -> list[str]:
     """Return the sorted names of all registered datasets."""
-    return sorted(_REGISTRY)
+    return DATASETS.names()
 
 
 def _entry(name: str) -> _Entry:
     """Look a dataset up, raising :class:`UnknownDatasetError` listing the known names."""
-    key = _normalise_name(name)
-    try:
-        return _REGISTRY[key]
-    except KeyError:
-        raise UnknownDatasetError(
-            f"unknown dataset {name!r}; registered datasets: {', '.join(available())}"
-        ) from None
+    return DATASETS.get(name)
 
 
 def info(name: str) -> DatasetInfo:

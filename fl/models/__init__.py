@@ -29,6 +29,7 @@ not accept.
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -37,8 +38,10 @@ from fl.models.convnet import build_convnet
 from fl.models.lenet import build_lenet
 from fl.models.mlp import build_mlp
 from fl.models.resnet import build_resnet18
+from fl.registry import Registry
 
 __all__ = [
+    "MODELS",
     "Builder",
     "SplitModel",
     "UnknownModelError",
@@ -55,9 +58,6 @@ Builder = Callable[..., SplitModel]
 
 _B = TypeVar("_B", bound=Callable[..., SplitModel])
 
-_REGISTRY: dict[str, Builder] = {}
-"""Model name -> builder. Filled with the built-ins below and by :func:`register`."""
-
 _NUM_POSITIONAL = 3
 """Leading builder parameters that are not options: channels, classes, image_size."""
 
@@ -72,6 +72,15 @@ class UnknownOptionError(TypeError, ValueError):
     Subclasses both TypeError (what Python raises for an unexpected keyword argument) and
     ValueError (what configuration validation code usually catches).
     """
+
+
+MODELS: Registry[Builder] = Registry(
+    "model",
+    UnknownModelError,
+    taken_message="model name {name!r} is already registered to {current!r}; "
+    "pass replace=True to replace it",
+)
+"""Model name -> builder. Filled with the built-ins below and by :func:`register`."""
 
 
 def _option_parameters(builder: Builder) -> tuple[list[inspect.Parameter], bool]:
@@ -112,7 +121,9 @@ def _option_parameters(builder: Builder) -> tuple[list[inspect.Parameter], bool]
     return opts, var_keyword
 
 
-def register(name: str, *, overwrite: bool = False) -> Callable[[_B], _B]:
+def register(
+    name: str, *, replace: bool = False, overwrite: bool | None = None
+) -> Callable[[_B], _B]:
     """Return a decorator registering a model builder under ``name``.
 
     Example::
@@ -125,8 +136,14 @@ def register(name: str, *, overwrite: bool = False) -> Callable[[_B], _B]:
 
     The builder's signature is checked when it is registered (see the module docstring).
     Registering the same function twice is a no-op; registering a different builder under a
-    taken name raises ValueError unless ``overwrite`` is True.
+    taken name raises ValueError unless ``replace`` is True (``overwrite`` is its deprecated
+    former name).
     """
+    if overwrite is not None:
+        warnings.warn(
+            "models.register(overwrite=) is deprecated; use replace=", DeprecationWarning, 2
+        )
+        replace = replace or overwrite
     if not isinstance(name, str) or not name or name != name.strip():
         raise ValueError(
             f"model name must be a non-empty string without surrounding spaces, got {name!r}"
@@ -136,37 +153,24 @@ def register(name: str, *, overwrite: bool = False) -> Callable[[_B], _B]:
         if not callable(builder):
             raise TypeError(f"model builder for {name!r} must be callable, got {builder!r}")
         _option_parameters(builder)  # validate the signature now, not at first build
-        current = _REGISTRY.get(name)
-        if current is not None and current is not builder and not overwrite:
-            raise ValueError(
-                f"model name {name!r} is already registered to {current!r}; "
-                f"pass overwrite=True to replace it"
-            )
-        _REGISTRY[name] = builder
-        return builder
+        return MODELS.register(name, builder, replace=replace)
 
     return decorator
 
 
 def unregister(name: str) -> None:
     """Remove a registered model (mainly for tests and plugins); unknown names raise."""
-    _lookup(name)
-    del _REGISTRY[name]
+    MODELS.unregister(name)
 
 
 def available() -> list[str]:
     """Return the registered model names, sorted."""
-    return sorted(_REGISTRY)
+    return MODELS.names()
 
 
 def _lookup(name: str) -> Builder:
     """Return the builder registered under ``name`` or raise :class:`UnknownModelError`."""
-    try:
-        return _REGISTRY[name]
-    except (KeyError, TypeError):
-        raise UnknownModelError(
-            f"unknown model {name!r}; known models: {', '.join(available())}"
-        ) from None
+    return MODELS.get(name)
 
 
 def options(name: str) -> dict[str, object]:
@@ -237,3 +241,4 @@ _BUILTINS: dict[str, Builder] = {
 
 for _name, _builder in _BUILTINS.items():
     register(_name)(_builder)
+MODELS.mark_builtin()

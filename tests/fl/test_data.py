@@ -103,7 +103,7 @@ def test_bad_split_and_image_size(tmp_path: Path) -> None:
 
 
 def test_register_user_dataset(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
+    monkeypatch.setattr(base, "DATASETS", base.DATASETS.copy())
     rng = np.random.default_rng(0)
     pixels = torch.from_numpy(rng.integers(0, 256, (12, 1, 8, 8), dtype=np.uint8))
     calls: list[str] = []

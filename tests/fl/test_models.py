@@ -153,7 +153,9 @@ def test_register_user_model(scratch_registry: None) -> None:
         models.register("tiny")(
             lambda channels, classes, image_size: build_tiny(channels, classes, image_size)
         )
-    models.register("tiny", overwrite=True)(build_tiny)
+    models.register("tiny", replace=True)(build_tiny)
+    with pytest.warns(DeprecationWarning, match="replace="):
+        models.register("tiny", overwrite=True)(build_tiny)
 
 
 def test_register_rejects_bad_builders(scratch_registry: None) -> None:

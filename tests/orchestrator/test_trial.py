@@ -11,7 +11,7 @@ import torch
 from defenses import Defense, DefenseParams, ParamSpec, register_defense, unregister_defense
 from orchestrator import load_study, register_objective
 from orchestrator.cli import main
-from orchestrator.metrics import _CUSTOM
+from orchestrator.metrics import unregister_objective
 from orchestrator.trial import run_trial
 
 
@@ -98,7 +98,7 @@ def custom_parts():
 
     yield
     unregister_defense("blur")
-    _CUSTOM.pop("psnr_per_accuracy", None)
+    unregister_objective("psnr_per_accuracy")
 
 
 def test_custom_defense_and_objective_in_a_study(tiny_study, custom_parts, tmp_path) -> None:
