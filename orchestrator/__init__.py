@@ -6,9 +6,10 @@ results = Study.from_yaml("studies/quickstart.yaml").run()
 ```
 """
 
+from orchestrator.analysis import StudyResults
 from orchestrator.config import StudyConfig, StudyFileError, load_study
 from orchestrator.metrics import register_objective
-from orchestrator.study import Study, StudyResults
+from orchestrator.study import Study
 
 __all__ = [
     "Study",

@@ -46,9 +46,12 @@ class Analysis:
 
 
 def _completed(trials: pd.DataFrame) -> pd.DataFrame:
+    rows: pd.DataFrame
     if trials.empty or "status" not in trials:
-        return trials.iloc[0:0]
-    return trials[trials["status"] == "completed"]
+        rows = trials.iloc[0:0]
+    else:
+        rows = trials[trials["status"] == "completed"]
+    return rows
 
 
 def accuracy_drop(trials: pd.DataFrame) -> dict[str, float]:

@@ -93,7 +93,7 @@ class StudyCallback(tune.Callback):
             )
         return row
 
-    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+    def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self.started[trial.trial_id] = _now()
         self._guarded(trial, lambda: self.store.upsert_trial(self._base_row(trial, "running")))
 
@@ -130,7 +130,7 @@ class StudyCallback(tune.Callback):
             self.searcher.discard(trial.trial_id)
         print(f"[obscura] trial {row['number']} ({defense}) FAILED: {reason}", flush=True)
 
-    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+    def on_trial_recover(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         """A trial failed (its node was lost, it raised) and Ray Tune retries it
         (``search.max_failures``)."""
         self.retries[trial.trial_id] = self.retries.get(trial.trial_id, 0) + 1
@@ -141,7 +141,7 @@ class StudyCallback(tune.Callback):
             flush=True,
         )
 
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         try:
             recorded = self._guarded(trial, lambda: self._record_completed(trial))
             if recorded and self.searcher is not None:
@@ -182,7 +182,7 @@ class StudyCallback(tune.Callback):
             verdict = check_study(self.store.trials(), self.config.validity)
             print(validity_line(verdict), flush=True)
 
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         error = _error_text(trial)
         try:
             self._guarded(trial, lambda: self._record_error(trial, error))

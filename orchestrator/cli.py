@@ -229,7 +229,7 @@ def cmd_list(args: argparse.Namespace) -> int:
             rng = ""
             if spec is not None:
                 rng = (
-                    f" search {list(spec.choices)}"
+                    f" search {list(spec.choices or ())}"
                     if spec.type == "categorical"
                     else f" search {spec.type} [{spec.low}, {spec.high}]"
                     + (" log" if spec.log else "")
@@ -237,14 +237,14 @@ def cmd_list(args: argparse.Namespace) -> int:
             print(f"      {key} = {default!r}{rng}")
     print(f"attacks (every one also takes {', '.join(AttackParams.model_fields)}):")
     for name in available_attacks():
-        cls = attack_class(name)
-        needed = cls().requirements()  # with the attack's defaults
+        attack = attack_class(name)
+        needed = attack().requirements()  # with the attack's defaults
         kinds = "/".join(needed.kinds)
         needs = "; needs knows_bn_stats" if needed.bn_stats else ""
-        print(f"  {name} ({kinds}{needs}): {(cls.__doc__ or '').strip().splitlines()[0]}")
-        for key, field in cls.Params.model_fields.items():
+        print(f"  {name} ({kinds}{needs}): {(attack.__doc__ or '').strip().splitlines()[0]}")
+        for key, field in attack.Params.model_fields.items():
             if key not in AttackParams.model_fields or key == "iterations":
-                default = field.default_factory() if field.default_factory else field.default
+                default = field.get_default(call_default_factory=True)
                 print(f"      {key} = {default!r}")
     print("label inference rules (attacks.infer_labels):", ", ".join(["auto", *LABEL_RULES]))
     per_attack = [f"<attack>_{p}" for p in (*PRIVACY, COST_PER_ATTACK)]

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from attacks import AttackerCapabilities, attack_class, available_attacks
 from attacks.inverting_gradients import BATCH_VICTIMS_DESCRIPTION, BatchVictims
-from defenses import ParamSpec, available_defenses, defense_class
+from defenses import Defense, ParamSpec, available_defenses, defense_class
 from fl import data as fl_data
 from fl import models as fl_models
 from fl.simulation import FederationConfig
@@ -588,6 +588,7 @@ def _defense_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
                 for choice in spec.choices or ():
                     _check_value(cls, name, key, choice)
             else:
+                assert spec.low is not None and spec.high is not None  # ParamSpec checked both
                 _check_value(cls, name, key, int(spec.low) if spec.type == "int" else spec.low)
                 _check_value(cls, name, key, int(spec.high) if spec.type == "int" else spec.high)
             out[key] = spec
@@ -613,7 +614,7 @@ def check_defense_value(name: str, key: str, value: Any) -> None:
         raise StudyFileError(str(err)) from None
 
 
-def _check_value(cls: type, name: str, key: str, value: Any) -> None:
+def _check_value(cls: type[Defense[Any]], name: str, key: str, value: Any) -> None:
     try:
         cls.Params(**{key: value})
     except ValidationError as err:
@@ -760,6 +761,7 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
         parts = dotted.split(".")
         for i, part in enumerate(parts):
             last = i == len(parts) - 1
+            key: Any = part  # the key into a section, an int index into a list
             if not isinstance(node, dict | list):
                 where = ".".join(parts[:i])
                 raise StudyFileError(f"--set {dotted}: {where} is a value, not a section")
@@ -770,13 +772,13 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
                         f"--set {dotted}: {where} is a list of {len(node)}; index it with "
                         f"0..{len(node) - 1}"
                     )
-                part = int(part)  # type: ignore[assignment]
+                key = int(part)
             elif not last and not isinstance(node.get(part), dict | list):
                 node[part] = {}
             if last:
-                node[part] = value
+                node[key] = value
             else:
-                node = node[part]
+                node = node[key]
     return out
 
 

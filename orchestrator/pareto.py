@@ -108,7 +108,8 @@ def completed_rows(df: pd.DataFrame, status_col: str | None = "status") -> pd.Da
         return df
     if status_col not in df.columns:
         raise KeyError(f"status column {status_col!r} not in the frame")
-    return df[df[status_col] == "completed"]
+    completed: pd.DataFrame = df[df[status_col] == "completed"]
+    return completed
 
 
 def pareto_front(
@@ -134,9 +135,10 @@ def pareto_front(
     candidates = completed_rows(df, status_col)
     values = candidates[columns].to_numpy(dtype=float, na_value=np.nan)
     front = candidates[pareto_mask(values, [o.mode for o in objectives])]
-    return front.sort_values(
+    best_first: pd.DataFrame = front.sort_values(
         columns, ascending=[o.mode == "min" for o in objectives], kind="mergesort"
     )
+    return best_first
 
 
 def _hv2(points: np.ndarray, ref: np.ndarray) -> float:
@@ -194,7 +196,8 @@ def default_reference(points: np.ndarray, modes: Sequence[str]) -> np.ndarray:
     worst = arr.max(axis=0)
     span = worst - arr.min(axis=0)
     margin = np.where(span > 0, 0.1 * span, np.where(worst != 0, 0.1 * np.abs(worst), 1.0))
-    return (worst + margin) * signs
+    reference: np.ndarray = (worst + margin) * signs
+    return reference
 
 
 def hypervolume(

@@ -47,7 +47,7 @@ class Reconciled:
 
 def objective_values(cfg: StudyConfig, row: Mapping[str, Any]) -> list[float] | None:
     """The objectives of a recorded trial row, or None when one is missing."""
-    values = [row.get(o.metric) for o in cfg.objectives]
+    values: list[Any] = [row.get(o.metric) for o in cfg.objectives]
     if any(is_missing(v) for v in values):
         return None
     return [float(v) for v in values]

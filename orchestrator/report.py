@@ -132,7 +132,7 @@ def _params(row: pd.Series) -> str:
     items = [
         f"{k[len('param_') :]}={_fmt(v)}"
         for k, v in row.items()
-        if k.startswith("param_") and not is_missing(v)
+        if isinstance(k, str) and k.startswith("param_") and not is_missing(v)
     ]
     return ", ".join(items) or "defaults"
 

@@ -116,23 +116,22 @@ PARAM_PREFIX = "param_"
 
 _TIMESTAMP = pa.timestamp("us", tz="UTC")
 
-TRIALS_FIXED_SCHEMA: pa.Schema = pa.schema(
-    [
-        pa.field("trial_id", pa.string(), nullable=False),
-        pa.field("number", pa.int64(), nullable=False),
-        pa.field("status", pa.string(), nullable=False),
-        pa.field("error", pa.string(), nullable=True),
-        pa.field("defense", pa.string(), nullable=False),
-        pa.field("mlflow_run_id", pa.string(), nullable=True),
-        pa.field("pareto", pa.bool_(), nullable=False),
-        pa.field("device", pa.string(), nullable=True),
-        pa.field("started_at", _TIMESTAMP, nullable=True),
-        pa.field("finished_at", _TIMESTAMP, nullable=True),
-    ]
-)
+_TRIALS_FIXED_FIELDS: list[pa.Field[Any]] = [
+    pa.field("trial_id", pa.string(), nullable=False),
+    pa.field("number", pa.int64(), nullable=False),
+    pa.field("status", pa.string(), nullable=False),
+    pa.field("error", pa.string(), nullable=True),
+    pa.field("defense", pa.string(), nullable=False),
+    pa.field("mlflow_run_id", pa.string(), nullable=True),
+    pa.field("pareto", pa.bool_(), nullable=False),
+    pa.field("device", pa.string(), nullable=True),
+    pa.field("started_at", _TIMESTAMP, nullable=True),
+    pa.field("finished_at", _TIMESTAMP, nullable=True),
+]
+TRIALS_FIXED_SCHEMA: pa.Schema = pa.schema(_TRIALS_FIXED_FIELDS)
 """Fixed leading columns of ``trials.parquet``; ``param_*`` and metric columns follow."""
 
-ROUNDS_FIXED_FIELDS: tuple[pa.Field, ...] = (
+ROUNDS_FIXED_FIELDS: tuple[pa.Field[Any], ...] = (
     pa.field("trial_id", pa.string(), nullable=False),
     pa.field("round", pa.int64(), nullable=False),
 )
@@ -144,22 +143,23 @@ _ARROW_TYPES: dict[str, pa.DataType] = {
     "bool": pa.bool_(),
 }
 
-ATTACKS_SCHEMA: pa.Schema = pa.schema(
-    [
-        pa.field("trial_id", pa.string(), nullable=False),
-        pa.field("attack", pa.string(), nullable=False),
-        pa.field("round", pa.int64(), nullable=False),
-        pa.field("client", pa.int64(), nullable=False),
-        pa.field("image_index", pa.int64(), nullable=False),
-        *(pa.field(m.name, _ARROW_TYPES[m.dtype], nullable=m.nullable) for m in METRICS),
-        pa.field("seconds", pa.float64(), nullable=False),
-        pa.field("diverged", pa.bool_(), nullable=False),
-    ]
-)
+_ATTACKS_FIELDS: list[pa.Field[Any]] = [
+    pa.field("trial_id", pa.string(), nullable=False),
+    pa.field("attack", pa.string(), nullable=False),
+    pa.field("round", pa.int64(), nullable=False),
+    pa.field("client", pa.int64(), nullable=False),
+    pa.field("image_index", pa.int64(), nullable=False),
+    *(pa.field(m.name, _ARROW_TYPES[m.dtype], nullable=m.nullable) for m in METRICS),
+    pa.field("seconds", pa.float64(), nullable=False),
+    pa.field("diverged", pa.bool_(), nullable=False),
+]
+ATTACKS_SCHEMA: pa.Schema = pa.schema(_ATTACKS_FIELDS)
 """Complete schema of ``attacks.parquet`` (no dynamic columns): one column per metric of
 :data:`attacks.scoring.table.METRICS`."""
 
-_TABLE_METADATA = {b"obscura.schema_version": str(SCHEMA_VERSION).encode()}
+_TABLE_METADATA: dict[bytes | str, bytes | str] = {
+    b"obscura.schema_version": str(SCHEMA_VERSION).encode()
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -206,7 +206,7 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """Write a file atomically: ``write`` fills ``<name>.tmp-<pid>`` beside ``path``, then rename.
 
     The temporary file is flushed and fsynced before ``os.replace`` puts it onto ``path``, so
@@ -216,7 +216,7 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
 
     Args:
         path: the file to (re)write.
-        write: fills the open binary file.
+        write: fills the open binary file (what it returns is ignored).
 
     Raises:
         StudyIOError: the file cannot be written (the message names it and what to do).
@@ -347,9 +347,8 @@ def _timestamp_or_null(value: Any, where: str) -> datetime | None:
                 f"{where}: naive datetime {value!r} is ambiguous; pass an aware datetime "
                 "(e.g. datetime.now(timezone.utc)) or POSIX seconds"
             )
-        if isinstance(value, pd.Timestamp):
-            value = value.to_pydatetime()
-        return value.astimezone(timezone.utc)
+        moment: datetime = value.to_pydatetime() if isinstance(value, pd.Timestamp) else value
+        return moment.astimezone(timezone.utc)
     if _is_real(value):
         seconds = float(value)
         if not math.isfinite(seconds):
@@ -570,7 +569,9 @@ def _check_unique(rows: Sequence[Mapping[str, Any]], key: Sequence[str], where: 
 
 
 def _build_table(
-    rows: Sequence[Mapping[str, Any]], fields: Sequence[pa.Field], types: Mapping[str, pa.DataType]
+    rows: Sequence[Mapping[str, Any]],
+    fields: Sequence[pa.Field[Any]],
+    types: Mapping[str, pa.DataType],
 ) -> pa.Table:
     """An Arrow table with ``fields`` followed by the dynamic columns in ``types`` (in order)."""
     schema = pa.schema(
@@ -604,7 +605,7 @@ def _attacks_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
     return _build_table(rows, list(ATTACKS_SCHEMA), {})
 
 
-def _check_fixed(table: pa.Table, fields: Sequence[pa.Field], path: Path) -> None:
+def _check_fixed(table: pa.Table, fields: Sequence[pa.Field[Any]], path: Path) -> None:
     """Raise ``ValueError`` if a loaded table lacks a fixed column or has it with another type."""
     for field in fields:
         if field.name not in table.column_names:

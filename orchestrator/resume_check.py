@@ -47,7 +47,9 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: value}
 
 
-def config_differences(stored: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, tuple]:
+def config_differences(
+    stored: Mapping[str, Any], new: Mapping[str, Any]
+) -> dict[str, tuple[Any, Any]]:
     """The fields (dotted keys) whose values differ, as ``{key: (stored, new)}``; keys a
     resume may change (:data:`RESUMABLE_CHANGES`) and the tracking URI are left out.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import optuna
@@ -13,7 +14,7 @@ TUNE_TRIAL_ID = "tune_trial_id"
 """Optuna user attribute holding the Ray Tune trial id of an Optuna trial (set by
 :class:`orchestrator.tune_searcher.RecordedFirstOptunaSearch`)."""
 
-SAMPLERS = {
+SAMPLERS: dict[str, Callable[[int], optuna.samplers.BaseSampler]] = {
     "nsga2": lambda seed: optuna.samplers.NSGAIISampler(seed=seed),
     "tpe": lambda seed: optuna.samplers.TPESampler(seed=seed, multivariate=True),
     "gp": lambda seed: optuna.samplers.GPSampler(seed=seed),
@@ -28,11 +29,12 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
 
 def suggest(trial: Any, name: str, spec: ParamSpec) -> Any:
     """Ask ``trial`` for one value of ``spec``."""
+    if spec.type == "categorical":
+        return trial.suggest_categorical(name, list(spec.choices or ()))
+    assert spec.low is not None and spec.high is not None  # ParamSpec checked a range has both
     if spec.type == "float":
         return trial.suggest_float(name, float(spec.low), float(spec.high), log=spec.log)
-    if spec.type == "int":
-        return trial.suggest_int(name, int(spec.low), int(spec.high), log=spec.log)
-    return trial.suggest_categorical(name, list(spec.choices or ()))
+    return trial.suggest_int(name, int(spec.low), int(spec.high), log=spec.log)
 
 
 class DefineByRun:
@@ -58,7 +60,8 @@ def define_by_run(config: StudyConfig) -> DefineByRun:
 def _clip(spec: ParamSpec, value: Any) -> Any:
     if spec.type == "categorical":
         return value if value in (spec.choices or ()) else (spec.choices or (value,))[0]
-    lo, hi = float(spec.low), float(spec.high)  # type: ignore[arg-type]
+    assert spec.low is not None and spec.high is not None  # ParamSpec checked a range has both
+    lo, hi = float(spec.low), float(spec.high)
     v = min(max(float(value), lo), hi)
     return round(v) if spec.type == "int" else v
 

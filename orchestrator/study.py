@@ -63,7 +63,10 @@ def quiet_ray_chatter() -> None:
 
 
 def _trainable(
-    tune_config: dict[str, Any], study_raw: dict[str, Any], customs: dict, quiet: bool = True
+    tune_config: dict[str, Any],
+    study_raw: dict[str, Any],
+    customs: dict[str, dict[str, Any]],
+    quiet: bool = True,
 ) -> None:
     """The function every Ray Tune trial runs (module level so Ray can ship it)."""
     import ray
@@ -120,7 +123,9 @@ def _load_checkpoint() -> dict[str, Any] | None:
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as folder:
-        state = torch.load(Path(folder) / CHECKPOINT_FILE, weights_only=True, map_location="cpu")
+        state: dict[str, Any] = torch.load(
+            Path(folder) / CHECKPOINT_FILE, weights_only=True, map_location="cpu"
+        )
     print(f"[obscura] trial resumes from its checkpoint after round {state['round']}", flush=True)
     return state
 
@@ -440,7 +445,7 @@ def _purge_after_failure(ray_dir: Path) -> None:
         print(f"[obscura] warning: {err}", file=sys.stderr, flush=True)
 
 
-def _searcher(cfg: StudyConfig, storage: str, points: list[dict]) -> Any:
+def _searcher(cfg: StudyConfig, storage: str, points: list[dict[str, Any]]) -> Any:
     from orchestrator.tune_searcher import RecordedFirstOptunaSearch
 
     return RecordedFirstOptunaSearch(

@@ -19,7 +19,7 @@ import subprocess
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
@@ -239,7 +239,7 @@ class StudyTracker:
             run_name=f"{tags.get('defense', 'trial')}-{trial_id}",
             tags=all_tags,
         )
-        run_id = run.info.run_id
+        run_id: str = run.info.run_id
         now = int(time.time() * 1000)
         batch: list[Metric] = []
         last = -1
@@ -299,5 +299,5 @@ class StudyTracker:
             self.client.set_terminated(self.parent_run_id, status="KILLED")
 
 
-def _finite(v: Any) -> bool:
+def _finite(v: Any) -> TypeGuard[float]:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))

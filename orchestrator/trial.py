@@ -21,7 +21,7 @@ import torch
 
 from attacks import Reconstruction, get_attack
 from attacks.inverting_gradients import batch_victims
-from attacks.scoring.metrics import score
+from attacks.scoring.metrics import Score, score
 from attacks.scoring.plots import save_pair_grid
 from attacks.scoring.population import MIN_POOL, Reference
 from defenses import Defense, get_defense
@@ -169,7 +169,7 @@ def _simulator(
     config: StudyConfig,
     model: torch.nn.Module,
     data: tuple[Any, Any],
-    hooks: Defense,
+    hooks: Defense[Any],
     device: torch.device,
     on_round: Callable[[RoundRecord], None] | None,
 ) -> Simulator:
@@ -287,7 +287,7 @@ def _save_grid(
     obs: Observation,
     truth: GroundTruth,
     rec: Reconstruction,
-    scored: dict[str, Any],
+    scored: Score,
     image_dir: Path,
 ) -> Path:
     """The reconstruction grid of one victim (ground truth above it when ``log_images`` is
@@ -304,7 +304,7 @@ def _save_grid(
 
 
 def _trial_metrics(
-    result: RunResult, attacked: _Attacked, hooks: Defense
+    result: RunResult, attacked: _Attacked, hooks: Defense[Any]
 ) -> dict[str, float | None]:
     """Final test metrics, every attack's summary, the worst case and the privacy loss ε."""
     metrics: dict[str, float | None] = {

@@ -9,7 +9,7 @@ from ray.tune.search.optuna import OptunaSearch
 from orchestrator.search_space import TUNE_TRIAL_ID
 
 
-class RecordedFirstOptunaSearch(OptunaSearch):  # type: ignore[misc]
+class RecordedFirstOptunaSearch(OptunaSearch):
     """OptunaSearch that tells Optuna of a trial's success only once the study's callback
     has written it to Parquet and MLflow (:meth:`release`; Ray Tune informs the searcher
     before the callbacks). A driver killed in between leaves the Optuna trial RUNNING, and
@@ -19,15 +19,15 @@ class RecordedFirstOptunaSearch(OptunaSearch):  # type: ignore[misc]
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self._held: dict[str, dict] = {}
+        self._held: dict[str, dict[str, Any]] = {}
 
-    def suggest(self, trial_id: str) -> dict | None:
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
         config = super().suggest(trial_id)
         self._ot_trials[trial_id].set_user_attr(TUNE_TRIAL_ID, trial_id)
         return config
 
     def on_trial_complete(
-        self, trial_id: str, result: dict | None = None, error: bool = False
+        self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False
     ) -> None:
         if error or not result:
             super().on_trial_complete(trial_id, result, error)

@@ -94,6 +94,7 @@ def validity_line(verdict: Validity) -> str:
 
 def _number(value: object) -> float | None:
     try:
+        # a table cell of any type: float() raising TypeError for a non-number is the check
         number = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return None
@@ -149,7 +150,8 @@ def check_validity(
         return leak and (min_ssim is None or _at_least(ssims[i], min_ssim))
 
     def strength(i: int) -> tuple[bool, float, float]:
-        return passes(i), gains[i] if gains[i] is not None else -math.inf, ids[i] or 0.0
+        gain = gains[i]
+        return passes(i), gain if gain is not None else -math.inf, ids[i] or 0.0
 
     best = max(range(len(done)), key=strength)
     return Validity(
