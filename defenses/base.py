@@ -108,11 +108,11 @@ class Defense(ClientHooks, Generic[D]):
         return cls.Params().model_dump()
 
 
-DEFENSES: Registry[type[Defense]] = Registry(
+DEFENSES: Registry[type[Defense[Any]]] = Registry(
     "defense", UnknownDefenseError, taken_message="a defense named {name!r} is already registered"
 )
 """Defense name -> class: the built-ins (marked in :mod:`defenses`) and users' own."""
-_D = TypeVar("_D", bound=type[Defense])
+_D = TypeVar("_D", bound=type[Defense[Any]])
 
 
 def register_defense(name: str, *, replace: bool = False) -> Callable[[_D], _D]:
@@ -130,7 +130,8 @@ def register_defense(name: str, *, replace: bool = False) -> Callable[[_D], _D]:
                 f"defense {name!r}: search_space names unknown fields {sorted(unknown)}"
             )
         cls.name = name
-        return DEFENSES.register(name, cls, replace=replace)
+        DEFENSES.register(name, cls, replace=replace)
+        return cls
 
     return deco
 
@@ -140,12 +141,12 @@ def available_defenses() -> list[str]:
     return DEFENSES.names()
 
 
-def defense_class(name: str) -> type[Defense]:
+def defense_class(name: str) -> type[Defense[Any]]:
     """The class registered under ``name`` (:class:`UnknownDefenseError` lists the known ones)."""
     return DEFENSES.get(name)
 
 
-def get_defense(name: str, **params: Any) -> Defense:
+def get_defense(name: str, **params: Any) -> Defense[Any]:
     """Build the defense registered under ``name`` with ``params`` over its defaults."""
     return defense_class(name)(**params)
 

@@ -5,17 +5,13 @@ Names used in ``objectives``, Parquet columns and MLflow:
 - utility: ``test_accuracy``, ``test_balanced_accuracy``, ``test_macro_f1``, ``test_auroc``,
   ``test_loss``, and ``accuracy_drop`` (the control's accuracy minus the trial's, filled in once
   the ``none`` control has completed; not usable as a search objective);
-- privacy per attack (``<attack>`` is the attack's ``label`` or name): ``<attack>_psnr_mean``,
-  ``_psnr_max``, ``_prior_gain_mean``, ``_prior_gain_max`` (the headline: PSNR minus the PSNR of
-  the population's mean image, what is known without any client; see
-  :mod:`attacks.scoring.metrics`),
-  ``_identification_rate`` (share of images whose victim is the reconstruction's nearest
-  neighbour among the reference pool, pixel space) and ``_identification_rate_lpips`` (LPIPS),
-  ``_psnr_gain_mean``, ``_psnr_gain_max`` (PSNR minus the PSNR of a flat image at the dataset
-  mean: a weak baseline, kept for comparison), ``_ssim_mean``, ``_ssim_max``, ``_lpips_mean``,
-  ``_lpips_min``, ``_label_accuracy``, ``_success_rate``; and the same names with the prefix
-  ``attack_`` for the worst case over attacks (the maximum of all but LPIPS, the minimum of
-  LPIPS), computed over every image of every attacked round and victim;
+- privacy per attack (``<attack>`` is the attack's ``label`` or name): ``<attack>_<statistic>``
+  for every trial statistic of the metric table (:data:`attacks.scoring.table.TRIAL_STATISTICS`:
+  ``psnr_mean``, ``psnr_max``, ``prior_gain_max`` (the headline: PSNR minus the PSNR of the
+  population's mean image), ``identification_rate``, ``ssim_max``, ``lpips_min``, ...), and the
+  same names with the prefix ``attack_`` for the worst case over attacks (each statistic's
+  ``worst``: the maximum, the minimum for LPIPS), computed over every image of every attacked
+  round and victim; the documentation's metric reference lists them all;
 - ``epsilon`` (DP-SGD); cost: ``seconds_train``, ``seconds_attack`` (attacks with their
   scoring), ``<attack>_seconds`` (each attack's part of it, its scoring included),
   ``seconds_metrics`` (the scoring alone: PSNR, SSIM, LPIPS), ``peak_memory_mb``.
@@ -23,48 +19,19 @@ Names used in ``objectives``, Parquet columns and MLflow:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from attacks.scoring.table import TRIAL_STATISTICS, summarise
 from fl.registry import Registry
-from orchestrator.values import finite_or_none
 
 UTILITY = ("test_accuracy", "test_balanced_accuracy", "test_macro_f1", "test_auroc", "test_loss")
 DERIVED = ("accuracy_drop",)
-PRIVACY = (
-    "psnr_mean",
-    "psnr_max",
-    "prior_gain_mean",
-    "prior_gain_max",
-    "identification_rate",
-    "identification_rate_lpips",
-    "psnr_gain_mean",
-    "psnr_gain_max",
-    "ssim_mean",
-    "ssim_max",
-    "lpips_mean",
-    "lpips_min",
-    "label_accuracy",
-    "success_rate",
-)
+PRIVACY: tuple[str, ...] = tuple(s.name for s in TRIAL_STATISTICS)
+"""Per-attack privacy statistics, from the metric table (:mod:`attacks.scoring.table`)."""
 #: Worst case = best for the attacker: which way each privacy statistic is worse for privacy.
-WORST: dict[str, Literal["max", "min"]] = {
-    "psnr_mean": "max",
-    "psnr_max": "max",
-    "prior_gain_mean": "max",
-    "prior_gain_max": "max",
-    "identification_rate": "max",
-    "identification_rate_lpips": "max",
-    "psnr_gain_mean": "max",
-    "psnr_gain_max": "max",
-    "ssim_mean": "max",
-    "ssim_max": "max",
-    "lpips_mean": "min",
-    "lpips_min": "min",
-    "label_accuracy": "max",
-    "success_rate": "max",
-}
+WORST: dict[str, Literal["max", "min"]] = {s.name: s.worst for s in TRIAL_STATISTICS}
 OTHER = ("epsilon", "seconds_train", "seconds_attack", "seconds_metrics", "peak_memory_mb")
 #: Per-attack cost: ``<attack>_seconds``, that attack's share of ``seconds_attack``.
 COST_PER_ATTACK = "seconds"
@@ -151,65 +118,29 @@ def validate_metric(name: str, attacks: Sequence[str]) -> None:
 
 
 def attack_summary(
-    images: Iterable[dict[str, Any]], success_psnr: float
+    images: Iterable[Mapping[str, Any]], success_psnr: float
 ) -> dict[str, float | None]:
     """Per-attack statistics over every attacked image (all rounds and victims).
 
     ``images`` are per-image records (:func:`attacks.scoring.metrics.score`'s ``per_image`` or
     ``attacks.parquet`` rows); a statistic skips images without its value (``psnr_gain``,
     ``prior_gain``, ``identified``, ``id_rank_lpips``: None when none has one). Returns one value
-    (or None) per name of :data:`PRIVACY`.
+    (or None) per name of :data:`PRIVACY` (:func:`attacks.scoring.table.summarise`).
 
     Example:
         >>> attack_summary([{"psnr": 22.0, "psnr_gain": 9.5, "ssim": 0.5}], 20.0)["psnr_gain_max"]
         9.5
     """
-    rows = list(images)
-    if not rows:
-        return {p: None for p in PRIVACY}
-    psnr = [r["psnr"] for r in rows]
-    gain = _present(rows, "psnr_gain")
-    prior = _present(rows, "prior_gain")
-    ssim = [r["ssim"] for r in rows]
-    lpips = _present(rows, "lpips")
-    labels = [bool(r["label_correct"]) for r in rows if r.get("label_correct") is not None]
-    identified = [bool(v) for v in _present(rows, "identified")]
-    identified_lpips = [v == 1 for v in _present(rows, "id_rank_lpips")]
-    return {
-        "psnr_mean": finite_or_none(sum(psnr) / len(psnr)),
-        "psnr_max": finite_or_none(max(psnr)),
-        "prior_gain_mean": finite_or_none(sum(prior) / len(prior)) if prior else None,
-        "prior_gain_max": finite_or_none(max(prior)) if prior else None,
-        "identification_rate": _share(identified),
-        "identification_rate_lpips": _share(identified_lpips),
-        "psnr_gain_mean": finite_or_none(sum(gain) / len(gain)) if gain else None,
-        "psnr_gain_max": finite_or_none(max(gain)) if gain else None,
-        "ssim_mean": finite_or_none(sum(ssim) / len(ssim)),
-        "ssim_max": finite_or_none(max(ssim)),
-        "lpips_mean": finite_or_none(sum(lpips) / len(lpips)) if lpips else None,
-        "lpips_min": finite_or_none(min(lpips)) if lpips else None,
-        "label_accuracy": (sum(labels) / len(labels)) if labels else None,
-        "success_rate": sum(p >= success_psnr for p in psnr) / len(psnr),
-    }
-
-
-def _present(rows: list[dict[str, Any]], key: str) -> list[Any]:
-    """The rows' values of ``key`` that are present (not missing, not None)."""
-    return [r[key] for r in rows if r.get(key) is not None]
-
-
-def _share(flags: list[bool]) -> float | None:
-    """The share of True among ``flags``, None without any."""
-    return sum(flags) / len(flags) if flags else None
+    return summarise(images, success_psnr, per_trial=True)
 
 
 def worst_case(per_attack: dict[str, dict[str, float | None]]) -> dict[str, float | None]:
     """``attack_*`` metrics: the worst case for privacy over the attacks."""
     out: dict[str, float | None] = {}
     for stat, direction in WORST.items():
-        values = [v[stat] for v in per_attack.values() if v.get(stat) is not None]
+        values = [x for v in per_attack.values() if (x := v.get(stat)) is not None]
         if not values:
             out[f"attack_{stat}"] = None
         else:
-            out[f"attack_{stat}"] = max(values) if direction == "max" else min(values)  # type: ignore[type-var]
+            out[f"attack_{stat}"] = max(values) if direction == "max" else min(values)
     return out

@@ -153,7 +153,8 @@ def register(
         if not callable(builder):
             raise TypeError(f"model builder for {name!r} must be callable, got {builder!r}")
         _option_parameters(builder)  # validate the signature now, not at first build
-        return MODELS.register(name, builder, replace=replace)
+        MODELS.register(name, builder, replace=replace)
+        return builder
 
     return decorator
 
