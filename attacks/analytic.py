@@ -13,7 +13,7 @@ attacker's own consistency (:func:`choose_images`), never by the ground truth.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -80,7 +80,7 @@ def _probe_first_layer(
     return the first parametrised module called, its name, its input and the probe."""
     calls: list[tuple[str, nn.Module, torch.Tensor]] = []
 
-    def recorder(name: str):  # type: ignore[no-untyped-def]
+    def recorder(name: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], None]:
         def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
             if not calls and args:
                 calls.append((name, module, args[0].detach()))
@@ -199,7 +199,9 @@ def _box_violation(pixels: torch.Tensor) -> float:
     return float((pixels.clamp_max(0).abs() + (pixels - 1).clamp_min(0)).mean())
 
 
-def choose_images(cand: Candidates, batch: int, agreement: float) -> tuple[torch.Tensor, dict]:
+def choose_images(
+    cand: Candidates, batch: int, agreement: float
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Pick ``batch`` images among the rows' ratios by the attacker's own consistency.
 
     Rule: cluster the ratios (:func:`_clusters`); one-image rows of the same image agree to

@@ -8,7 +8,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import ClassVar, Generic, TypeVar, cast
+from typing import Any, ClassVar, Generic, TypeVar, cast
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -161,7 +161,7 @@ class Attack(ABC, Generic[P]):
                 "-> Requirements (returning what the attack needs), not a class attribute"
             )
 
-    def __init__(self, **params: object) -> None:
+    def __init__(self, **params: Any) -> None:
         try:
             self.params = cast(P, self.Params(**params))
         except ValidationError as err:
@@ -243,11 +243,11 @@ class Attack(ABC, Generic[P]):
         return [self.run(o, capabilities) for o in observations]
 
 
-ATTACKS: Registry[type[Attack]] = Registry(
+ATTACKS: Registry[type[Attack[Any]]] = Registry(
     "attack", UnknownAttackError, taken_message="an attack named {name!r} is already registered"
 )
 """Attack name -> class: the built-ins (marked in :mod:`attacks`) and users' own."""
-_A = TypeVar("_A", bound=type[Attack])
+_A = TypeVar("_A", bound=type[Attack[Any]])
 
 
 def register_attack(name: str, *, replace: bool = False) -> Callable[[_A], _A]:
@@ -257,7 +257,8 @@ def register_attack(name: str, *, replace: bool = False) -> Callable[[_A], _A]:
     def deco(cls: _A) -> _A:
         ATTACKS.check_free(name, cls, replace=replace)
         cls.name = name
-        return ATTACKS.register(name, cls, replace=replace)
+        ATTACKS.register(name, cls, replace=replace)
+        return cls
 
     return deco
 
@@ -273,11 +274,11 @@ def available_attacks() -> list[str]:
     return ATTACKS.names()
 
 
-def attack_class(name: str) -> type[Attack]:
+def attack_class(name: str) -> type[Attack[Any]]:
     """The class registered under ``name`` (:class:`UnknownAttackError` lists the known ones)."""
     return ATTACKS.get(name)
 
 
-def get_attack(name: str, **params: object) -> Attack:
+def get_attack(name: str, **params: object) -> Attack[Any]:
     """Build the attack registered under ``name`` with ``params`` over its defaults."""
     return attack_class(name)(**params)

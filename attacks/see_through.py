@@ -15,7 +15,12 @@ import torch
 from pydantic import Field
 
 from attacks._machinery.matching import Matched, matching
-from attacks._machinery.objectives import cosine_distance, l2_distance, total_variation
+from attacks._machinery.objectives import (
+    cosine_distance,
+    l2_distance,
+    tensor_sum,
+    total_variation,
+)
 from attacks._machinery.optim import run_langevin_adam
 from attacks._machinery.setup import INIT_DESCRIPTION, DummyInit, InversionSetup
 from attacks.base import Attack, AttackParams, Attempt, register_attack
@@ -176,10 +181,10 @@ class _Consensus:
         """``sum_g ||x_g (registered) - mean||_2`` (0 before the first update)."""
         if self.mean is None:
             return 0.0
-        return sum(
+        return tensor_sum(
             torch.linalg.vector_norm(members[g][self.orders[g]] - self.mean)
             for g in range(self.size)
-        )  # type: ignore[return-value]
+        )
 
 
 def _choose(

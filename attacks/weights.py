@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
 from pydantic import Field
 
-from attacks._machinery.objectives import dummy_gradients, normalized_l2_distance
+from attacks._machinery.objectives import dummy_gradients, normalized_l2_distance, tensor_sum
 from attacks._machinery.optim import run_adam, run_lbfgs
 from attacks._machinery.setup import INIT_DESCRIPTION, DummyInit, InversionSetup
 from attacks.base import Attack, AttackParams, Attempt, register_attack
@@ -35,7 +36,9 @@ class DLMParams(AttackParams):
     )
 
 
-def _optimise(p: DLMParams, variables: list[torch.Tensor], objective) -> tuple[float, int, bool]:  # type: ignore[no-untyped-def]
+def _optimise(
+    p: DLMParams, variables: list[torch.Tensor], objective: Callable[[], torch.Tensor]
+) -> tuple[float, int, bool]:
     if p.optimizer == "lbfgs":
         return run_lbfgs(
             variables, objective, iterations=p.iterations, lr=p.lr, max_iter=p.max_iter
@@ -65,7 +68,9 @@ class DLM(Attack[DLMParams]):
 
         def objective() -> torch.Tensor:
             grads = dummy_gradients(setup.model, setup.params, x, plan.targets())
-            return sum(((g - k * t) ** 2).sum() for g, t in zip(grads, setup.target, strict=True))  # type: ignore[return-value]
+            return tensor_sum(
+                ((g - k * t) ** 2).sum() for g, t in zip(grads, setup.target, strict=True)
+            )
 
         loss, steps, diverged = _optimise(p, [x, *plan.variables, k], objective)
         return Attempt(

@@ -66,7 +66,7 @@ class _Conv2dBackward(torch.autograd.Function):
     same formulas without it."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         grad_out: torch.Tensor,
         x: torch.Tensor,
@@ -157,7 +157,7 @@ class Conv2dForInversion(torch.autograd.Function):
     :class:`_Conv2dBackward`."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         x: torch.Tensor,
         weight: torch.Tensor,
         bias: torch.Tensor | None,
@@ -166,9 +166,10 @@ class Conv2dForInversion(torch.autograd.Function):
         dilation: _Pair,
         groups: int,
     ) -> torch.Tensor:
-        return torch.ops.aten.convolution(  # type: ignore[no-any-return]
+        out: torch.Tensor = torch.ops.aten.convolution(
             x, weight, bias, list(stride), list(padding), list(dilation), False, _ZERO_PAD, groups
         )
+        return out
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
@@ -180,9 +181,7 @@ class Conv2dForInversion(torch.autograd.Function):
         ctx.set_materialize_grads(False)  # an undefined gradient stays undefined, as in ATen
 
     @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: Any, grad_out: torch.Tensor | None
-    ) -> tuple[torch.Tensor | None, ...]:
+    def backward(ctx: Any, grad_out: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         if grad_out is None:
             return None, None, None, None, None, None, None
         x, weight = ctx.saved_tensors
@@ -208,9 +207,10 @@ def conv2d_for_inversion(
     groups: int = 1,
 ) -> torch.Tensor:
     """``F.conv2d`` for 4-D inputs and numeric padding, through :class:`Conv2dForInversion`."""
-    return Conv2dForInversion.apply(  # type: ignore[no-any-return]
+    out: torch.Tensor = Conv2dForInversion.apply(
         x, weight, bias, _pair(stride), _pair(padding), _pair(dilation), int(groups)
     )
+    return out
 
 
 def _is_size(value: Any) -> bool:

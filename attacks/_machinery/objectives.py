@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -82,9 +83,15 @@ def dummy_gradients(
     return torch.autograd.grad(loss, list(params), create_graph=True)
 
 
+def tensor_sum(terms: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Python's ``sum`` of tensors, ``0 + t_0 + t_1 + ...`` (the reference codes' order and
+    rounding), typed as the tensor it is for a non-empty ``terms``."""
+    return cast(torch.Tensor, sum(terms))
+
+
 def l2_distance(dummy: Sequence[torch.Tensor], target: Sequence[torch.Tensor]) -> torch.Tensor:
     """DLG's objective: sum over tensors of the squared L2 distance ||g' - g||^2."""
-    return sum(((d - t) ** 2).sum() for d, t in zip(dummy, target, strict=True))  # type: ignore[return-value]
+    return tensor_sum(((d - t) ** 2).sum() for d, t in zip(dummy, target, strict=True))
 
 
 def cosine_distance(
@@ -105,10 +112,10 @@ def cosine_distance(
     recomputing the target's norm every iteration without changing a bit.
     """
     w = weights if weights is not None else [1.0] * len(target)
-    dot = sum(wi * (d * t).sum() for wi, d, t in zip(w, dummy, target, strict=True))
-    dn = sum(wi * d.pow(2).sum() for wi, d in zip(w, dummy, strict=True))
+    dot = tensor_sum(wi * (d * t).sum() for wi, d, t in zip(w, dummy, target, strict=True))
+    dn = tensor_sum(wi * d.pow(2).sum() for wi, d in zip(w, dummy, strict=True))
     tn = target_sq_norm if target_sq_norm is not None else weighted_sq_norm(target, weights)
-    return 1.0 - dot / (torch.sqrt(dn) * torch.sqrt(tn) + 1e-12)  # type: ignore[operator]
+    return 1.0 - dot / (torch.sqrt(dn) * torch.sqrt(tn) + 1e-12)
 
 
 def weighted_sq_norm(
@@ -116,7 +123,7 @@ def weighted_sq_norm(
 ) -> torch.Tensor:
     """``sum_l w_l ||t_l||^2``: the squared norm of the concatenated (weighted) tensors."""
     w = weights if weights is not None else [1.0] * len(tensors)
-    return sum(wi * t.pow(2).sum() for wi, t in zip(w, tensors, strict=True))  # type: ignore[return-value]
+    return tensor_sum(wi * t.pow(2).sum() for wi, t in zip(w, tensors, strict=True))
 
 
 def mean_tensor_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -131,7 +138,7 @@ def normalized_l2_distance(
     per-tensor L2 norm of each side, so the learning rate and step count cancel."""
     dn = mean_tensor_norm(dummy)
     tn = mean_tensor_norm(target).detach()
-    return sum(((d / dn - t / tn) ** 2).sum() for d, t in zip(dummy, target, strict=True))  # type: ignore[return-value]
+    return tensor_sum(((d / dn - t / tn) ** 2).sum() for d, t in zip(dummy, target, strict=True))
 
 
 def total_variation(x: torch.Tensor) -> torch.Tensor:

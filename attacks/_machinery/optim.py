@@ -46,7 +46,7 @@ def run_lbfgs(
     saved = [v.detach().clone() for v in variables]
     last = math.inf
     for step in range(iterations):
-        loss = opt.step(closure)
+        loss = opt.step(closure)  # type: ignore[no-untyped-call]  # torch's LBFGS.step: no hints
         value = float(loss) if loss is not None else math.nan
         if not math.isfinite(value) or not all(_finite(v) for v in variables):
             with torch.no_grad():

@@ -59,7 +59,7 @@ class InversionSetup:
             available = [n for n in available if any(n.startswith(p) for p in include)]
         names = select_parameters(model, available, ignore)
         named = dict(model.named_parameters())
-        params = [named[n] for n in names]
+        params: list[torch.Tensor] = [named[n] for n in names]
         for p in params:
             p.requires_grad_(True)
         full = dict(obs.message) if obs.kind == "gradient" else obs.weight_update()

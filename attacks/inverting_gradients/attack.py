@@ -4,6 +4,7 @@ when its victims can be reconstructed in one batched optimisation (:mod:`.batche
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -20,7 +21,7 @@ from attacks.base import Attack, Attempt, register_attack
 from attacks.inverting_gradients.batched import run_batched, victims_obstacle
 from attacks.inverting_gradients.params import InvertingGradientsParams
 from attacks.labels.plans import plan_labels
-from attacks.priors import recording, with_priors
+from attacks.priors import Prior, recording, with_priors
 from attacks.priors.bn_prior import bn_prior, mean_projection, revealed_statistics
 from attacks.priors.features import feature_prior
 from attacks.reconstruction import Reconstruction
@@ -61,7 +62,7 @@ class InvertingGradients(Attack[InvertingGradientsParams]):
         weights = layer_weights(p.layer_weights, len(setup.target), x.device)
         matched = matching(obs, setup, plan.targets)
         revealed = revealed_statistics(obs, self.requirements().bn_stats)
-        priors = [
+        priors: list[Prior] = [
             bn_prior(revealed, setup, p.bn_prior, p.bn_first_multiplier, p.bn_distance),
             feature_prior(obs, setup.model, plan.fixed, p.feature_prior),
         ]
@@ -117,7 +118,7 @@ class InvertingGradients(Attack[InvertingGradientsParams]):
         return run_batched(self.name, p, seen, setups)
 
 
-def batching_obstacle(attack: Attack, observations: Sequence[Observation]) -> str | None:
+def batching_obstacle(attack: Attack[Any], observations: Sequence[Observation]) -> str | None:
     """Why these (already restricted) victims cannot be reconstructed by ``attack`` in one
     batched optimisation (``run_many(..., batched=True)``), or None when they can."""
     p = attack.params

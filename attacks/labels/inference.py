@@ -137,7 +137,8 @@ def last_layer_of(model: nn.Module) -> nn.Linear:
     Raises:
         ValueError: if the model has no ``nn.Linear``.
     """
-    last = model.last_layer() if hasattr(model, "last_layer") else None
+    find = getattr(model, "last_layer", None)  # SplitModel's, or a model's of the same name
+    last: nn.Linear | None = None if find is None else find()
     if last is None:
         linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
         if not linears:
@@ -275,7 +276,8 @@ def ilrg_counts(last: LastLayer, probs: torch.Tensor) -> torch.Tensor:
     c, dt = probs.shape[0], probs.dtype
     coefs = torch.cat([torch.ones(1, c, dtype=dt), probs.T - torch.eye(c, dtype=dt)])
     values = torch.cat([torch.tensor([float(last.batch)], dtype=dt), last.batch * last.bias])
-    return torch.linalg.pinv(coefs) @ values
+    pinv: torch.Tensor = torch.linalg.pinv(coefs)
+    return pinv @ values
 
 
 MIXED_ROW = 0.01
@@ -400,7 +402,7 @@ def batchnorm_matched_statistics(
         with recorder.recording():
             for _ in range(forwards):  # a mixture of K forwards: the same batch K times
                 model(x)
-        recorder.loss().backward()
+        torch.autograd.backward(recorder.loss())  # = Tensor.backward(), which has no hints
         opt.step()
     feats: list[torch.Tensor] = []
     handle = layer.register_forward_hook(lambda _m, inp, _o: feats.append(inp[0].detach()))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -259,8 +260,12 @@ class BatchNormRecorder:
                     f"BatchNorm layer {name!r}: {len(seen)} forwards recorded, the client ran "
                     f"{len(target.weights)}"
                 )
-            mean = sum(w * m for w, (m, _) in zip(target.weights, seen, strict=True))
-            var = sum(w * v for w, (_, v) in zip(target.weights, seen, strict=True))
+            mean = cast(
+                torch.Tensor, sum(w * m for w, (m, _) in zip(target.weights, seen, strict=True))
+            )
+            var = cast(
+                torch.Tensor, sum(w * v for w, (_, v) in zip(target.weights, seen, strict=True))
+            )
             distance = _relative_distance if relative else _distance
             term = distance(mean, var, target)
             total = total + (first_multiplier if i == 0 else 1.0) * term
@@ -269,7 +274,9 @@ class BatchNormRecorder:
 
 def _distance(mean: torch.Tensor, var: torch.Tensor, target: BatchNormTarget) -> torch.Tensor:
     """DeepInversion's distance: the 2-norms of the mean and variance differences."""
-    return torch.linalg.vector_norm(mean - target.mean) + torch.linalg.vector_norm(var - target.var)
+    mean_term: torch.Tensor = torch.linalg.vector_norm(mean - target.mean)
+    var_term: torch.Tensor = torch.linalg.vector_norm(var - target.var)
+    return mean_term + var_term
 
 
 def _relative_distance(
@@ -339,7 +346,10 @@ class FirstLayerMeans:
         def means(shift: torch.Tensor) -> torch.Tensor:
             return self._means(x.detach() + shift.view(1, -1, 1, 1))
 
-        return torch.autograd.functional.jacobian(means, base)
+        jacobian = torch.autograd.functional.jacobian(  # type: ignore[no-untyped-call]  # no hints
+            means, base
+        )
+        return cast(torch.Tensor, jacobian)  # one tensor in, one Jacobian tensor out
 
     @torch.no_grad()
     def project(self, x: torch.Tensor) -> None:

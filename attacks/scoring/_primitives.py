@@ -43,10 +43,15 @@ def ssim_array(a: np.ndarray, b: np.ndarray) -> float:
     if a.shape != b.shape:
         raise ValueError(f"images differ in shape: {a.shape} and {b.shape}")
     win = ssim_window(a.shape[0], a.shape[1])
+    # skimage ships py.typed, but its structural_similarity has no annotations
     if a.shape[2] == 1:
-        value = structural_similarity(a[..., 0], b[..., 0], data_range=1.0, win_size=win)
+        value = structural_similarity(  # type: ignore[no-untyped-call]  # no hints in skimage
+            a[..., 0], b[..., 0], data_range=1.0, win_size=win
+        )
     else:
-        value = structural_similarity(a, b, data_range=1.0, win_size=win, channel_axis=-1)
+        value = structural_similarity(  # type: ignore[no-untyped-call]  # no hints in skimage
+            a, b, data_range=1.0, win_size=win, channel_axis=-1
+        )
     return float(value)
 
 

@@ -39,6 +39,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -207,7 +208,7 @@ def _build_from_file(path: Path) -> torch.nn.Module:
         # lpips 0.1.4 calls torchvision.models.alexnet(pretrained=False), which only warns that
         # the argument is deprecated; pnet_rand=True means no download is attempted.
         warnings.filterwarnings("ignore", category=UserWarning, module=r"torchvision\.models")
-        model = lpips.LPIPS(
+        model: torch.nn.Module = lpips.LPIPS(
             net="alex", version=_LPIPS_VERSION, pretrained=True, pnet_rand=True, verbose=False
         )
     model_state = model.state_dict()
@@ -231,7 +232,7 @@ def _build_from_file(path: Path) -> torch.nn.Module:
                 )
             model_state[dst].copy_(features[src])
             assigned += 1
-    n_backbone = sum(1 for _ in model.net.parameters())
+    n_backbone = sum(1 for _ in cast(torch.nn.Module, model.net).parameters())
     if assigned != n_backbone or assigned != 10:
         raise LpipsUnavailable(
             f"Assigned {assigned} backbone tensors from {path} but the LPIPS AlexNet has "
@@ -340,7 +341,9 @@ def lpips_distance(
     model = get_lpips(device)
     dev = torch.device(device)
     with torch.no_grad():
-        out = model(prepare_for_lpips(a).to(dev), prepare_for_lpips(b).to(dev), normalize=True)
+        out: torch.Tensor = model(
+            prepare_for_lpips(a).to(dev), prepare_for_lpips(b).to(dev), normalize=True
+        )
     return out.reshape(-1).cpu()
 
 
@@ -348,8 +351,9 @@ def _normalised_features(model: torch.nn.Module, x: torch.Tensor) -> list[torch.
     """Return LPIPS' unit-normalised AlexNet activations of a prepared batch (as in forward)."""
     import lpips
 
-    outs = model.net(model.scaling_layer(2.0 * x - 1.0))
-    return [lpips.normalize_tensor(outs[k]) for k in range(model.L)]
+    net, scaling = cast(torch.nn.Module, model.net), cast(torch.nn.Module, model.scaling_layer)
+    outs = net(scaling(2.0 * x - 1.0))
+    return [lpips.normalize_tensor(outs[k]) for k in range(cast(int, model.L))]
 
 
 def lpips_features(
@@ -381,13 +385,14 @@ def lpips_from_features(
     ``lpips.LPIPS.forward``."""
     model = get_lpips(device, backbone)
     n, m = feats_a[0].shape[0], feats_b[0].shape[0]
+    layers, lins = cast(int, model.L), cast(torch.nn.ModuleList, model.lins)
     out = torch.zeros(n, m, dtype=torch.float64)
     with torch.no_grad():
         for i in range(n):
             row = torch.zeros(m, dtype=torch.float32, device=feats_b[0].device)
-            for k in range(model.L):
+            for k in range(layers):
                 diff = (feats_a[k][i : i + 1] - feats_b[k]) ** 2
-                row += model.lins[k](diff).mean(dim=(1, 2, 3))
+                row += lins[k](diff).mean(dim=(1, 2, 3))
             out[i] = row.cpu().to(torch.float64)
     return out
 
@@ -406,5 +411,6 @@ def lpips_matrix(
     so the diagonal equals :func:`lpips_distance` up to float32 rounding.
     """
     _check_pair(a, b)
-    where = {"device": device, "backbone": backbone}
-    return lpips_from_features(lpips_features(a, **where), lpips_features(b, **where), **where)
+    feats_a = lpips_features(a, device=device, backbone=backbone)
+    feats_b = lpips_features(b, device=device, backbone=backbone)
+    return lpips_from_features(feats_a, feats_b, device=device, backbone=backbone)

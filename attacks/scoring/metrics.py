@@ -304,10 +304,10 @@ def _labels(labels: Any, n: int, name: str) -> np.ndarray | None:
     arr = torch.as_tensor(labels).detach().to("cpu")
     if arr.is_floating_point() or arr.is_complex():
         raise ValueError(f"{name} must be integer class indices, got dtype {arr.dtype}")
-    arr = arr.reshape(-1).to(torch.int64).numpy()
-    if arr.shape[0] != n:
-        raise ValueError(f"{name} has {arr.shape[0]} entries for {n} images")
-    return arr
+    flat = arr.reshape(-1).to(torch.int64).numpy()
+    if flat.shape[0] != n:
+        raise ValueError(f"{name} has {flat.shape[0]} entries for {n} images")
+    return flat
 
 
 @dataclass(frozen=True, eq=False)
@@ -317,17 +317,17 @@ class ImageScore(Mapping[str, Any]):
     mapping it replaces: ``image["psnr"]``, ``image.get("lpips")``."""
 
     index: int
-    values: Mapping[str, Value]
+    metrics: Mapping[str, Value]  # not ``values``: that would hide Mapping.values()
 
     def __getitem__(self, key: str) -> Any:
-        return self.index if key == "index" else self.values[key]
+        return self.index if key == "index" else self.metrics[key]
 
     def __iter__(self) -> Iterator[str]:
         yield "index"
-        yield from self.values
+        yield from self.metrics
 
     def __len__(self) -> int:
-        return 1 + len(self.values)
+        return 1 + len(self.metrics)
 
 
 @dataclass(frozen=True, eq=False)
@@ -503,7 +503,7 @@ def score(
     device: str | torch.device = "cpu",
     lpips_backbone: str | os.PathLike[str] | None = None,
     reference: Reference | None = None,
-) -> dict[str, Any]:
+) -> Score:
     """Score an attack's reconstruction against the client's batch (see :func:`score_images`).
 
     ``rec`` and ``truth`` are any objects with ``.images`` ((B, C, H, W) float tensor in [0, 1])
