@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -12,7 +12,7 @@ from torch import nn
 
 from fl.simulation.hooks import ClientContext, ClientHooks
 from fl.simulation.normalization import normalize
-from fl.simulation.observation import MESSAGE_KIND
+from fl.simulation.observation import MESSAGE_KIND, MessageKind
 
 
 @dataclass
@@ -25,7 +25,7 @@ class ClientResult:
     holds the transformed images for those positions when a defense changed them.
     """
 
-    kind: str
+    kind: MessageKind
     message: dict[str, torch.Tensor]
     buffers: dict[str, torch.Tensor]
     num_examples: int
@@ -141,6 +141,67 @@ def outgoing_message(
     return {k: (start[k] + delta[k]).detach() for k in start}
 
 
+def _step_count(
+    algorithm: str, n: int, batch_size: int, local_epochs: int, local_steps: int | None
+) -> int:
+    """Local steps of one client: one for FedSGD, :func:`steps_for` for FedAvg."""
+    if algorithm == "fedsgd":
+        return 1
+    if algorithm == "fedavg":
+        return steps_for(n, batch_size, local_epochs, local_steps)
+    raise ValueError(f"unknown algorithm {algorithm!r}; expected 'fedsgd' or 'fedavg'")
+
+
+@dataclass
+class _UsedExamples:
+    """The positions a client trained on, in order of first use, and the images a defense's
+    ``transform_batch`` put in their place (the first time each was used)."""
+
+    used: list[int] = field(default_factory=list)
+    seen: set[int] = field(default_factory=set)
+    transformed: dict[int, torch.Tensor] = field(default_factory=dict)
+    changed: bool = False
+
+    def record(self, idx: np.ndarray, x01: torch.Tensor, x_used: torch.Tensor) -> None:
+        """Note one batch: positions ``idx``, drawn as ``x01``, trained on as ``x_used``."""
+        self.changed = self.changed or x_used is not x01
+        for j, i in enumerate(idx.tolist()):
+            if i not in self.seen:
+                self.seen.add(i)
+                self.used.append(i)
+                if x_used is not x01:
+                    self.transformed[i] = x_used[j].detach()
+
+    def trained_images(self, images: torch.Tensor) -> torch.Tensor | None:
+        """The images trained on, in order of first use, when a defense changed some batch
+        (examples first used in an unchanged batch trained as-is); None otherwise."""
+        if not self.changed:
+            return None
+        return torch.stack([self.transformed.get(i, images[i]) for i in self.used]).cpu()
+
+
+def _step_gradients(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    hooks: ClientHooks,
+    ctx: ClientContext,
+) -> tuple[dict[str, torch.Tensor], float]:
+    """One local step's gradient (the defense's ``compute_gradients``, or the loss's own) and
+    the loss it logs."""
+    custom = hooks.compute_gradients(model, inputs, labels, ctx)
+    if custom is None:
+        return _standard_gradients(model, inputs, labels, hooks, ctx)
+    return custom, _loss_for_log(model, inputs, labels)
+
+
+@torch.no_grad()
+def _sgd_step(params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], lr: float) -> None:
+    """``W <- W - lr * g`` in place, for every trainable parameter."""
+    plist = list(params.values())
+    torch._foreach_add_(plist, [grads[k] for k in params], alpha=-lr)
+
+
 def run_client(
     model: nn.Module,
     images: torch.Tensor,
@@ -170,17 +231,9 @@ def run_client(
     ctx.extras["client_size"] = n
     params = trainable_parameters(model)
     start = {k: p.detach().clone() for k, p in params.items()}
-    if algorithm == "fedsgd":
-        steps = 1
-    elif algorithm == "fedavg":
-        steps = steps_for(n, batch_size, local_epochs, local_steps)
-    else:
-        raise ValueError(f"unknown algorithm {algorithm!r}; expected 'fedsgd' or 'fedavg'")
+    steps = _step_count(algorithm, n, batch_size, local_epochs, local_steps)
 
-    used: list[int] = []
-    seen: set[int] = set()
-    transformed: dict[int, torch.Tensor] = {}
-    changed = False
+    examples = _UsedExamples()
     losses: list[float] = []
     grads: dict[str, torch.Tensor] = {}
     for step, idx in enumerate(_batches(n, batch_size, steps, rng)):
@@ -189,41 +242,22 @@ def run_client(
         ctx.batch_indices = index
         x01, y = images[index], labels[index]
         x_used = hooks.transform_batch(x01, y, model, ctx)
-        changed = changed or x_used is not x01
-        for j, i in enumerate(idx.tolist()):
-            if i not in seen:
-                seen.add(i)
-                used.append(i)
-                if x_used is not x01:
-                    transformed[i] = x_used[j].detach()
-        inputs = normalize(x_used, mean, std)
-        custom = hooks.compute_gradients(model, inputs, y, ctx)
-        if custom is None:
-            grads, loss = _standard_gradients(model, inputs, y, hooks, ctx)
-        else:
-            grads = custom
-            loss = _loss_for_log(model, inputs, y)
+        examples.record(idx, x01, x_used)
+        grads, loss = _step_gradients(model, normalize(x_used, mean, std), y, hooks, ctx)
         losses.append(loss)
         if algorithm == "fedavg":
-            with torch.no_grad():
-                plist = list(params.values())
-                torch._foreach_add_(plist, [grads[k] for k in params], alpha=-lr)
+            _sgd_step(params, grads, lr)
 
     message = outgoing_message(
         algorithm, grads if algorithm == "fedsgd" else params, start, hooks, ctx
     )
-    buffers = {k: b.detach().clone() for k, b in model.named_buffers()}
-    trained = None
-    if changed:
-        # a defense changed some batch: examples first used in an unchanged batch trained as-is
-        trained = torch.stack([transformed.get(i, images[i]) for i in used]).cpu()
     return ClientResult(
         kind=MESSAGE_KIND[algorithm],
         message=message,
-        buffers=buffers,
-        num_examples=len(used),
+        buffers={k: b.detach().clone() for k, b in model.named_buffers()},
+        num_examples=len(examples.used),
         local_steps=steps,
         loss=float(np.mean(losses)),
-        used=used,
-        trained_images=trained,
+        used=examples.used,
+        trained_images=examples.trained_images(images),
     )

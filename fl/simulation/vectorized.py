@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import copy
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -55,6 +56,134 @@ def vectorization_obstacle(model: nn.Module, hooks: ClientHooks) -> str | None:
     return None
 
 
+@dataclass
+class _StackedClients:
+    """V clients' trainable weights and buffers, stacked along a new leading client dimension,
+    and the parameters that do not train (shared by all clients, as the global model holds
+    them)."""
+
+    names: list[str]
+    frozen: dict[str, torch.Tensor]
+    params: dict[str, torch.Tensor]
+    buffers: dict[str, torch.Tensor]
+
+    @classmethod
+    def from_global(
+        cls, model: nn.Module, global_state: dict[str, torch.Tensor], v: int
+    ) -> _StackedClients:
+        """Every one of ``v`` clients starting from ``global_state``."""
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        frozen = {
+            n: global_state[n].detach() for n, p in model.named_parameters() if not p.requires_grad
+        }
+        params = {n: global_state[n].detach().unsqueeze(0).repeat_interleave(v, 0) for n in names}
+        buffers = {
+            n: global_state[n].detach().unsqueeze(0).repeat_interleave(v, 0).clone()
+            for n, _ in model.named_buffers()
+        }
+        return cls(names, frozen, params, buffers)
+
+
+_StepFn = Callable[..., tuple[dict[str, torch.Tensor], torch.Tensor]]
+
+
+def _vectorized_step(skeleton: nn.Module, frozen: dict[str, torch.Tensor]) -> _StepFn:
+    """``vmap(grad(loss))`` over stacked weights and buffers: each client's gradient and
+    cross-entropy for its batch (its buffers updated in place, as a training forward does)."""
+
+    def loss_of(
+        p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        out = functional_call(skeleton, ({**p, **frozen}, b), (x,), strict=True)
+        loss = F.cross_entropy(out, y)
+        return loss, loss.detach()
+
+    step_fn: _StepFn = vmap(grad(loss_of, has_aux=True))
+    return step_fn
+
+
+def _client_batches(
+    client_images: Sequence[torch.Tensor],
+    contexts: Sequence[ClientContext],
+    rngs: Sequence[np.random.Generator | None],
+    algorithm: str,
+    batch_size: int,
+    local_epochs: int,
+    local_steps: int | None,
+) -> tuple[list[int], list[list[np.ndarray]]]:
+    """Each client's number of local steps and its index batches, drawn from its generator as
+    :func:`~fl.simulation.client.run_client` draws them."""
+    sizes = [int(x.shape[0]) for x in client_images]
+    for k, n in enumerate(sizes):
+        if n == 0:
+            raise ValueError(f"client {contexts[k].client} has no training examples")
+        contexts[k].extras["client_size"] = n
+    steps = [
+        1 if algorithm == "fedsgd" else steps_for(n, batch_size, local_epochs, local_steps)
+        for n in sizes
+    ]
+    batches = [
+        _batches(n, batch_size, s, rng) for n, s, rng in zip(sizes, steps, rngs, strict=True)
+    ]
+    return steps, batches
+
+
+def _step_groups(s: int, steps: list[int], batches: list[list[np.ndarray]]) -> list[list[int]]:
+    """The clients that take local step ``s``, grouped by the size of their batch at it."""
+    groups: dict[int, list[int]] = defaultdict(list)
+    for k in range(len(steps)):
+        if s < steps[k]:
+            groups[len(batches[k][s])].append(k)
+    return list(groups.values())
+
+
+def _train_group(
+    state: _StackedClients,
+    step_fn: _StepFn,
+    members: list[int],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    algorithm: str,
+    lr: float,
+    last_grads: list[dict[str, torch.Tensor]],
+) -> torch.Tensor:
+    """One local step of the clients ``members`` (rows of ``state``) on their batches ``x``,
+    ``y``: FedSGD keeps the gradient in ``last_grads``, FedAvg steps the weights. Returns the
+    members' losses."""
+    names, params, buffers = state.names, state.params, state.buffers
+    rows = torch.as_tensor(members, device=params[names[0]].device)
+    whole = len(members) == len(last_grads)
+    p = params if whole else {n: t[rows] for n, t in params.items()}
+    b = buffers if whole else {n: t[rows] for n, t in buffers.items()}
+    grads, loss = step_fn(p, b, x, y)
+    if algorithm == "fedsgd":
+        for j, k in enumerate(members):
+            last_grads[k] = {n: grads[n][j] for n in names}
+    else:
+        with torch.no_grad():
+            if whole:
+                torch._foreach_add_(
+                    [params[n] for n in names], [grads[n] for n in names], alpha=-lr
+                )
+            else:
+                for n in names:
+                    params[n][rows] = p[n] - lr * grads[n]
+    if not whole:
+        for n in buffers:
+            buffers[n][rows] = b[n]
+    return loss
+
+
+def _client_losses(step_losses: list[tuple[list[int], torch.Tensor]], v: int) -> list[list[float]]:
+    """Each client's losses in step order, one device-to-host copy per group, not per client."""
+    losses: list[list[float]] = [[] for _ in range(v)]
+    for members, loss in step_losses:
+        for k, value in zip(members, loss.tolist(), strict=True):
+            losses[k].append(value)
+    return losses
+
+
 def run_clients_vectorized(
     model: nn.Module,
     global_state: dict[str, torch.Tensor],
@@ -85,83 +214,59 @@ def run_clients_vectorized(
     if algorithm not in ("fedsgd", "fedavg"):
         raise ValueError(f"unknown algorithm {algorithm!r}; expected 'fedsgd' or 'fedavg'")
     v = len(client_images)
-    sizes = [int(x.shape[0]) for x in client_images]
-    for k, n in enumerate(sizes):
-        if n == 0:
-            raise ValueError(f"client {contexts[k].client} has no training examples")
-        contexts[k].extras["client_size"] = n
-    steps = [
-        1 if algorithm == "fedsgd" else steps_for(n, batch_size, local_epochs, local_steps)
-        for n in sizes
-    ]
-    batches = [
-        _batches(n, batch_size, s, rng) for n, s, rng in zip(sizes, steps, rngs, strict=True)
-    ]
-
+    steps, batches = _client_batches(
+        client_images, contexts, rngs, algorithm, batch_size, local_epochs, local_steps
+    )
     skeleton = copy.deepcopy(model).to("meta").train()
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    # parameters that do not train are shared by all clients, as the global model holds them
-    frozen = {
-        n: global_state[n].detach() for n, p in model.named_parameters() if not p.requires_grad
-    }
-    params = {n: global_state[n].detach().unsqueeze(0).repeat_interleave(v, 0) for n in names}
-    buffers = {
-        n: global_state[n].detach().unsqueeze(0).repeat_interleave(v, 0).clone()
-        for n, _ in model.named_buffers()
-    }
-
-    def loss_of(
-        p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        out = functional_call(skeleton, ({**p, **frozen}, b), (x,), strict=True)
-        loss = F.cross_entropy(out, y)
-        return loss, loss.detach()
-
-    step_fn = vmap(grad(loss_of, has_aux=True))
+    state = _StackedClients.from_global(model, global_state, v)
+    step_fn = _vectorized_step(skeleton, state.frozen)
     step_losses: list[tuple[list[int], torch.Tensor]] = []
     last_grads: list[dict[str, torch.Tensor]] = [{} for _ in range(v)]
     for s in range(max(steps)):
-        groups: dict[int, list[int]] = defaultdict(list)
-        for k in range(v):
-            if s < steps[k]:
-                groups[len(batches[k][s])].append(k)
-        for members in groups.values():
-            rows = torch.as_tensor(members, device=params[names[0]].device)
+        for members in _step_groups(s, steps, batches):
             idx = [torch.as_tensor(batches[k][s], device=client_images[k].device) for k in members]
             x01 = torch.stack([client_images[k][i] for k, i in zip(members, idx, strict=True)])
             x = normalize(x01.flatten(0, 1), mean, std).view_as(x01)
             y = torch.stack([client_labels[k][i] for k, i in zip(members, idx, strict=True)])
-            whole = len(members) == v
-            p = params if whole else {n: t[rows] for n, t in params.items()}
-            b = buffers if whole else {n: t[rows] for n, t in buffers.items()}
-            grads, loss = step_fn(p, b, x, y)
+            loss = _train_group(
+                state, step_fn, members, x, y, algorithm=algorithm, lr=lr, last_grads=last_grads
+            )
             step_losses.append((members, loss))
             for j, k in enumerate(members):
                 contexts[k].step = s
                 contexts[k].batch_indices = idx[j]
-            if algorithm == "fedsgd":
-                for j, k in enumerate(members):
-                    last_grads[k] = {n: grads[n][j] for n in names}
-            else:
-                with torch.no_grad():
-                    if whole:
-                        torch._foreach_add_(
-                            [params[n] for n in names], [grads[n] for n in names], alpha=-lr
-                        )
-                    else:
-                        for n in names:
-                            params[n][rows] = p[n] - lr * grads[n]
-            if not whole:
-                for n in buffers:
-                    buffers[n][rows] = b[n]
 
-    losses: list[list[float]] = [[] for _ in range(v)]
-    for members, loss in step_losses:  # one device-to-host copy per group, not per client
-        for k, value in zip(members, loss.tolist(), strict=True):
-            losses[k].append(value)
-    results: list[ClientResult] = []
+    return _client_results(
+        state,
+        global_state,
+        batches,
+        steps,
+        _client_losses(step_losses, v),
+        last_grads,
+        algorithm=algorithm,
+        hooks=hooks,
+        contexts=contexts,
+    )
+
+
+def _client_results(
+    state: _StackedClients,
+    global_state: dict[str, torch.Tensor],
+    batches: list[list[np.ndarray]],
+    steps: list[int],
+    losses: list[list[float]],
+    last_grads: list[dict[str, torch.Tensor]],
+    *,
+    algorithm: str,
+    hooks: ClientHooks,
+    contexts: Sequence[ClientContext],
+) -> list[ClientResult]:
+    """Each client's :class:`ClientResult` once the local steps are done: its outgoing message
+    (through the hooks' ``process_update``), buffers, positions used and mean loss."""
+    names, params = state.names, state.params
     start = {n: global_state[n].detach() for n in names}
-    for k in range(v):
+    results: list[ClientResult] = []
+    for k in range(len(batches)):
         # positions in order of first use, as run_client records them
         used = list(dict.fromkeys(i for batch in batches[k] for i in batch.tolist()))
         result = last_grads[k] if algorithm == "fedsgd" else {n: params[n][k] for n in names}
@@ -170,7 +275,7 @@ def run_clients_vectorized(
             ClientResult(
                 kind=MESSAGE_KIND[algorithm],
                 message=message,
-                buffers={n: t[k].clone() for n, t in buffers.items()},
+                buffers={n: t[k].clone() for n, t in state.buffers.items()},
                 num_examples=len(used),
                 local_steps=steps[k],
                 loss=float(np.mean(losses[k])),

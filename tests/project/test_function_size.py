@@ -1,10 +1,12 @@
-"""Functions in orchestrator/ and attacks/ have one job: at most 80 lines each, unless their
-docstring says why (it then contains "longer than 80 lines because")."""
+"""Functions in every package (fl/, defenses/, attacks/, orchestrator/) have one job: at most 80
+lines each, unless their docstring says why (it then contains "longer than 80 lines because")."""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 LIMIT = 80
@@ -23,9 +25,12 @@ def _long_functions(folder: Path, root: Path = ROOT) -> list[str]:
     return found
 
 
-def test_no_function_over_80_lines_in_orchestrator_and_attacks() -> None:
-    assert _long_functions(ROOT / "orchestrator") == []
-    assert _long_functions(ROOT / "attacks") == []
+PACKAGES = ("fl", "defenses", "attacks", "orchestrator")
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_no_function_over_80_lines_in_any_package(package: str) -> None:
+    assert _long_functions(ROOT / package) == []
 
 
 def test_the_check_sees_a_long_function(tmp_path: Path) -> None:
