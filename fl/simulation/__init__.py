@@ -4,6 +4,7 @@ The honest-but-curious server's view of a client step is an :class:`Observation`
 data of that step is a :class:`GroundTruth`, kept apart and seen only by the evaluator.
 """
 
+from fl.simulation.aggregate import aggregate
 from fl.simulation.allocator import tune_allocator
 from fl.simulation.client import ClientResult, run_client
 from fl.simulation.config import CaptureConfig, FederationConfig, PartitionConfig
@@ -33,6 +34,7 @@ __all__ = [
     "RoundRecord",
     "RunResult",
     "Simulator",
+    "aggregate",
     "build_observation",
     "classification_metrics",
     "denormalize",

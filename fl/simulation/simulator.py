@@ -10,12 +10,13 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
 from torch import nn
 
+from fl.simulation.aggregate import aggregate
 from fl.simulation.allocator import tune_allocator
 from fl.simulation.client import ClientResult, run_client
 from fl.simulation.config import CaptureConfig, FederationConfig
@@ -116,7 +117,27 @@ def client_context(
     )
 
 
-def _image_attr(data: object, name: str) -> object:
+class _SplitInfo(Protocol):
+    @property
+    def num_classes(self) -> int: ...
+
+
+class ImageSplit(Protocol):
+    """What the simulator reads of a dataset split (:class:`fl.data.ImageData` has it all)."""
+
+    @property
+    def labels(self) -> torch.Tensor: ...
+    @property
+    def mean(self) -> Sequence[float]: ...
+    @property
+    def std(self) -> Sequence[float]: ...
+    @property
+    def info(self) -> _SplitInfo: ...
+    def float_images(self) -> torch.Tensor: ...
+
+
+def _image_attr(data: object, name: str) -> Any:
+    """``data.name``, or a TypeError naming the split's type and the missing attribute."""
     if not hasattr(data, name):
         raise TypeError(f"dataset object {type(data).__name__} has no attribute {name!r}")
     return getattr(data, name)
@@ -134,10 +155,10 @@ class Simulator:
     def __init__(
         self,
         model: nn.Module,
-        train: object,
+        train: ImageSplit,
         config: FederationConfig,
         *,
-        test: object | None = None,
+        test: ImageSplit | None = None,
         hooks: ClientHooks | None = None,
         capture: CaptureConfig | None = None,
         device: str | torch.device | None = "auto",
@@ -155,9 +176,9 @@ class Simulator:
         self.capture = capture or CaptureConfig()
         self.seed = seed
         self.on_round = on_round
-        self.mean = tuple(float(v) for v in _image_attr(train, "mean"))  # type: ignore[arg-type]
-        self.std = tuple(float(v) for v in _image_attr(train, "std"))  # type: ignore[arg-type]
-        self.num_classes = int(train.info.num_classes)  # type: ignore[attr-defined]
+        self.mean = tuple(float(v) for v in _image_attr(train, "mean"))
+        self.std = tuple(float(v) for v in _image_attr(train, "std"))
+        self.num_classes = int(train.info.num_classes)
         labels = _image_attr(train, "labels")
         assert isinstance(labels, torch.Tensor)
         if partition is None:
@@ -174,11 +195,11 @@ class Simulator:
         if len(partition) != config.clients:
             raise ValueError(f"partition has {len(partition)} parts for {config.clients} clients")
         self.partition = [np.asarray(part, dtype=np.int64) for part in partition]
-        self.train_images = train.float_images().to(self.device)  # type: ignore[attr-defined]
+        self.train_images = train.float_images().to(self.device)
         self.train_labels = labels.to(self.device)
         self.test = test
         if test is not None:
-            self.test_images = test.float_images()  # type: ignore[attr-defined]
+            self.test_images = test.float_images()
             self.test_labels = _image_attr(test, "labels")
         self.global_model = self.hooks.prepare_model(model).to(self.device)
         if config.channels_last:
@@ -349,25 +370,24 @@ class Simulator:
 
     @torch.no_grad()
     def _aggregate(self, results: list[ClientResult]) -> None:
+        """Apply the clients' weighted mean (:func:`~fl.simulation.aggregate.aggregate`, weights
+        = examples used) to the global model: FedSGD steps along the mean gradient, FedAvg moves
+        towards the mean weights, both at the server's learning rate; buffers take the mean (an
+        integer counter the largest)."""
         cfg = self.config
-        weights = torch.tensor([r.num_examples for r in results], dtype=torch.float64)
-        weights = (weights / weights.sum()).tolist()
-        params = dict(self.global_model.named_parameters())
-        for name, p in params.items():
-            if name not in results[0].message:
+        weights = [r.num_examples for r in results]
+        messages = aggregate([r.message for r in results], weights)
+        for name, p in self.global_model.named_parameters():
+            if name not in messages:
                 continue
-            mean_msg = sum(w * r.message[name] for w, r in zip(weights, results, strict=True))
             if cfg.algorithm == "fedsgd":
-                p.sub_(mean_msg, alpha=cfg.lr * cfg.server_lr)
+                p.sub_(messages[name], alpha=cfg.lr * cfg.server_lr)
             else:
-                p.add_(mean_msg - p, alpha=cfg.server_lr)
+                p.add_(messages[name] - p, alpha=cfg.server_lr)
+        buffers = aggregate([r.buffers for r in results], weights)
         for name, b in self.global_model.named_buffers():
-            if name not in results[0].buffers:
-                continue
-            if b.is_floating_point():
-                b.copy_(sum(w * r.buffers[name] for w, r in zip(weights, results, strict=True)))
-            else:
-                b.copy_(max(r.buffers[name] for r in results))
+            if name in buffers:
+                b.copy_(buffers[name])
 
     def run_round(self) -> RoundRecord:
         """Run the next round: sample, train clients, capture, aggregate, evaluate."""
@@ -547,11 +567,11 @@ def build_observation(
     obs = Observation(
         model=server_view(model, global_state),
         global_state={k: v.detach().contiguous().clone() for k, v in global_state.items()},
-        kind=result.kind,  # type: ignore[arg-type]
+        kind=result.kind,
         message={k: v.detach().contiguous().clone() for k, v in result.message.items()},
         buffers={k: v.detach().contiguous().clone() for k, v in result.buffers.items()},
         num_examples=result.num_examples,
-        image_shape=tuple(images.shape[1:]),  # type: ignore[arg-type]
+        image_shape=cast(tuple[int, int, int], tuple(images.shape[1:])),  # (B, C, H, W) images
         num_classes=num_classes,
         mean=tuple(float(m) for m in mean),
         std=tuple(float(s) for s in std),
