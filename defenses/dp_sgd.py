@@ -15,7 +15,7 @@ is protected by its own noisy steps.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, SupportsInt, cast
 
 import torch
 import torch.nn.functional as F
@@ -97,7 +97,8 @@ def per_example_gradients(
         return F.cross_entropy(logits, y.unsqueeze(0))
 
     per_example = vmap(grad(loss_one), in_dims=(None, 0, 0), randomness="different")
-    return per_example(trainable, inputs, labels)
+    grads: dict[str, torch.Tensor] = per_example(trainable, inputs, labels)
+    return grads
 
 
 def clip_and_noise(
@@ -169,7 +170,7 @@ class DPSGD(Defense[DPSGDParams]):
         size = ctx.extras.get("client_size")
         if size is None:
             return 1.0
-        n = int(size)  # type: ignore[call-overload]
+        n = int(cast(SupportsInt, size))  # the simulator sets it to an int
         if n < 1:
             raise ValueError(f"ctx.extras['client_size'] must be >= 1, got {size!r}")
         return min(1.0, batch / n)

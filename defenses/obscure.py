@@ -266,8 +266,7 @@ class Obscure(Defense[ObscureParams]):
                 )
             feats = forward_features(inputs)
             # A SplitModel's logits are classifier(forward_features(x)): reuse the features.
-            split = isinstance(model, SplitModel)
-            logits = model.classifier(feats) if split else model(inputs)
+            logits = model.classifier(feats) if isinstance(model, SplitModel) else model(inputs)
             with torch.no_grad():
                 target = forward_features(normalize(images, ctx.mean, ctx.std))
             feature = F.mse_loss(feats, target)
@@ -312,7 +311,7 @@ class Obscure(Defense[ObscureParams]):
                 losses.append(float(loss.detach()))
             with torch.no_grad():
                 losses.append(float(self.objective(gen, x, labels, model, ctx).total(self.params)))
-                out = gen(x)
+                out: torch.Tensor = gen(x)
         self.last_losses[ctx.client] = losses
         if self.params.enforce_margin:
             out = project_to_margin(out, x, self.params.margin)

@@ -94,7 +94,8 @@ class VariationalBottleneck(nn.Module):
         mu, sigma = self.encode(x)
         self._kl = self.kl_bits(mu, sigma)
         z = mu + sigma * torch.randn_like(sigma)
-        return self.decoder(z)
+        decoded: torch.Tensor = self.decoder(z)
+        return decoded
 
     def kl(self) -> torch.Tensor | None:
         """The KL (bits) of the last forward pass, or None before the first one."""
@@ -113,7 +114,8 @@ class VariationalBottleneck(nn.Module):
 
     def __getstate__(self) -> dict[str, Any]:
         """Module state for copy/pickle, without the last KL (it may carry an autograd graph)."""
-        state = dict(super().__getstate__())
+        # torch leaves nn.Module.__getstate__ unannotated
+        state = dict(super().__getstate__())  # type: ignore[no-untyped-call]
         state["_kl"] = None
         return state
 

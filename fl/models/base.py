@@ -90,11 +90,13 @@ class SplitModel(nn.Module):
 
         This is the representation label-inference attacks and Soteria operate on.
         """
-        return self.bottleneck(self.features(x))
+        features: torch.Tensor = self.bottleneck(self.features(x))
+        return features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return logits ``classifier(bottleneck(features(x)))`` of shape (B, num_classes)."""
-        return self.classifier(self.forward_features(x))
+        logits: torch.Tensor = self.classifier(self.forward_features(x))
+        return logits
 
     def last_layer(self) -> nn.Linear:
         """Return the final linear layer (whose weight gradient label inference reads)."""
@@ -109,7 +111,8 @@ class SplitModel(nn.Module):
         """
         hook = getattr(self.bottleneck, "auxiliary_loss", None)
         if callable(hook):
-            return hook()
+            term: torch.Tensor | None = hook()
+            return term
         return None
 
     def has_batchnorm(self) -> bool:

@@ -46,7 +46,7 @@ def tune_allocator(mmap_threshold: int = 32 * 2**20, trim_threshold: int = 1024 
             return False
         mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
         mallopt.restype = ctypes.c_int
-        ok = mallopt(_M_MMAP_THRESHOLD, mmap_threshold) == 1
+        ok: bool = mallopt(_M_MMAP_THRESHOLD, mmap_threshold) == 1
         ok = ok and mallopt(_M_TRIM_THRESHOLD, trim_threshold) == 1
         if ok:
             _applied = (mmap_threshold, trim_threshold)

@@ -46,7 +46,7 @@ class ClientContext:
 class ClientHooks:
     """Base class of everything that acts on a client's training; every hook is a no-op here."""
 
-    name: str = "none"
+    name: ClassVar[str] = "none"
     concurrent_clients: ClassVar[bool] = True
     """Whether several clients may run these hooks at the same time (``parallel_clients``):
     true when the hooks draw randomness only from ``ctx.generator`` and share no mutable state

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -80,7 +80,7 @@ class Observation:
             raise ValueError("weight_update() needs a 'weights' observation (FedAvg)")
         return {n: self.global_state[n] - w for n, w in self.message.items()}
 
-    def replace(self, **changes: object) -> Observation:
+    def replace(self, **changes: Any) -> Observation:
         """A copy with some fields changed (used by threat models to hide facts)."""
         return dataclasses.replace(self, **changes)
 
