@@ -63,7 +63,7 @@ import _isolate  # noqa: F401  (first: keeps the attacks package importable)
 import torch
 
 from attacks import AttackConfigError, AttackerCapabilities, get_attack
-from attacks.scoring.metrics import flat_value, score, score_images
+from attacks.scoring.metrics import Score, flat_value, score, score_images
 from attacks.scoring.plots import save_pair_grid
 from attacks.scoring.population import Reference
 from fl import data, models
@@ -489,8 +489,7 @@ def baseline_rows(
             lpips_backbone=bench.lpips_backbone,
             reference=source.reference,
         )
-        s.update(label_accuracy=None, seconds=0.0)
-        rows.append(bench.record(group, kind, i, idx, _keep(s)))
+        rows.append(bench.record(group, kind, i, idx, _keep(s, label_accuracy=None, seconds=0.0)))
     return rows
 
 
@@ -514,16 +513,16 @@ def method_rows(
         )
         order = torch.as_tensor(s["assignment"], dtype=torch.long)
         shown.append((truth.images, rec.images[order], [r["psnr"] for r in s["per_image"]]))
-        s.update(
-            attack=attack_name,
-            params=params,
-            seconds=rec.seconds,
-            iterations=rec.iterations,
-            loss=rec.loss,
-            diverged=rec.diverged,
-            label_source=rec.label_source,
-        )
-        rows.append(bench.record(group, method, i, idx, _keep(s)))
+        extra = {
+            "attack": attack_name,
+            "params": params,
+            "seconds": rec.seconds,
+            "iterations": rec.iterations,
+            "loss": rec.loss,
+            "diverged": rec.diverged,
+            "label_source": rec.label_source,
+        }
+        rows.append(bench.record(group, method, i, idx, _keep(s, **extra)))
     if bench.args.grid is not None:
         save_grid(bench.args.grid, group, method, shown)
     return rows
@@ -544,9 +543,12 @@ def save_grid(
     return path
 
 
-def _keep(s: dict[str, Any]) -> dict[str, Any]:
-    """The score entries worth storing (drops the assignment bookkeeping)."""
-    return {k: v for k, v in s.items() if k not in ("assignment", "assignment_cost")}
+def _keep(s: Score, **extra: Any) -> dict[str, Any]:
+    """The score as a plain record worth storing (without the assignment bookkeeping), with
+    ``extra`` entries."""
+    drop = ("assignment", "assignment_cost", "per_image")
+    out = {k: v for k, v in s.items() if k not in drop}
+    return {**out, "per_image": [dict(i) for i in s.per_image], **extra}
 
 
 def run_group(
