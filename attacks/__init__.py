@@ -9,12 +9,14 @@ Registered attacks: ``dlg``, ``idlg``, ``inverting_gradients`` (gradient message
 FedAvg weights with a known learning rate and step count), ``dlm`` and ``dlm_plus`` (weights),
 ``see_through_gradients`` (GradInversion: BatchNorm statistics from the returned buffers),
 ``analytic`` (closed form through a fully connected first layer; gradients or FedAvg updates of
-plain-SGD local steps).
+plain-SGD local steps); with public data (``capabilities.public_data``), ``learned_inversion``
+and ``feature_inversion`` (:mod:`attacks.learned`).
 """
 
 from attacks import analytic as _analytic  # noqa: F401  (registers analytic)
 from attacks import gradient as _gradient  # noqa: F401  (registers dlg, idlg)
 from attacks import inverting_gradients as _inverting  # noqa: F401  (registers inverting_gradients)
+from attacks import learned as _learned  # noqa: F401  (registers learned_inversion, feature_inversion)
 from attacks import see_through as _see_through  # noqa: F401  (registers see_through_gradients)
 from attacks import weights as _weights  # noqa: F401  (registers dlm, dlm_plus)
 from attacks.base import (
@@ -31,8 +33,9 @@ from attacks.base import (
     unregister_attack,
 )
 from attacks.labels import infer_labels
+from attacks.public import AttackerResources, PublicData, PublicDataError, load_public_data
 from attacks.reconstruction import Reconstruction
-from attacks.threat import AttackerCapabilities, Requirements, ThreatModelError
+from attacks.threat import AttackerCapabilities, PublicDataSpec, Requirements, ThreatModelError
 
 __all__ = [
     "ATTACKS",
@@ -41,7 +44,11 @@ __all__ = [
     "AttackConfigError",
     "AttackParams",
     "AttackerCapabilities",
+    "AttackerResources",
     "Attempt",
+    "PublicData",
+    "PublicDataError",
+    "PublicDataSpec",
     "Reconstruction",
     "Requirements",
     "ThreatModelError",
@@ -50,6 +57,7 @@ __all__ = [
     "available_attacks",
     "get_attack",
     "infer_labels",
+    "load_public_data",
     "register_attack",
     "unregister_attack",
 ]

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from attacks._machinery.convolution import ExactConvolutions, exact_convolutions
 from attacks.priors.consensus import registered_mean
+from attacks.public import AttackerResources
 from attacks.reconstruction import Reconstruction
 from attacks.scoring.metrics import flat_value
 from attacks.threat import AttackerCapabilities, Requirements
@@ -152,6 +153,9 @@ class Attack(ABC, Generic[P]):
     name: ClassVar[str] = ""
     Params: ClassVar[type[AttackParams]] = AttackParams
     params: P
+    resources: AttackerResources
+    """What the attacker brings besides the observation (public images, the defense's
+    algorithm): set by :meth:`run` for its attempts; empty outside it."""
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
@@ -172,6 +176,7 @@ class Attack(ABC, Generic[P]):
             raise AttackConfigError(
                 f"attack {self.name!r}: {problems} (parameters: {known})"
             ) from None
+        self.resources = AttackerResources()
 
     def requirements(self, kind: MessageKind | None = None) -> Requirements:
         """What this attack, so configured, needs of an observation holding a ``kind`` message;
@@ -186,19 +191,27 @@ class Attack(ABC, Generic[P]):
         """Run one restart and return its reconstruction in the model's input space."""
 
     def restricted(
-        self, obs: Observation, capabilities: AttackerCapabilities | None
+        self,
+        obs: Observation,
+        capabilities: AttackerCapabilities | None,
+        resources: AttackerResources | None = None,
     ) -> Observation:
-        """``obs`` as this attacker sees it (``None``: nothing granted), requirements checked.
+        """``obs`` as this attacker sees it (``None``: nothing granted), requirements checked
+        (public data among them: held in ``resources``).
 
         Raises:
             ThreatModelError: the restricted observation lacks a fact the attack requires.
         """
         seen = (capabilities or AttackerCapabilities()).restrict(obs)
-        self.requirements(seen.kind).check(seen, self.name)
+        public = resources is not None and resources.public is not None
+        self.requirements(seen.kind).check(seen, self.name, public=public)
         return seen
 
     def run(
-        self, obs: Observation, capabilities: AttackerCapabilities | None = None
+        self,
+        obs: Observation,
+        capabilities: AttackerCapabilities | None = None,
+        resources: AttackerResources | None = None,
     ) -> Reconstruction:
         """Reconstruct the private batch of ``obs``; see the class docstring.
 
@@ -206,6 +219,8 @@ class Attack(ABC, Generic[P]):
             obs: what the server observed of one client step.
             capabilities: what the attacker is granted; None grants nothing beyond the defaults
                 of :class:`AttackerCapabilities` (labels and BatchNorm statistics withheld).
+            resources: public images and the defense's algorithm, for attacks that learn
+                (:mod:`attacks.learned`); None: none.
 
         Raises:
             ThreatModelError: the observation, so restricted, lacks what the attack requires.
@@ -213,7 +228,8 @@ class Attack(ABC, Generic[P]):
         Example:
             >>> rec = get_attack("idlg", iterations=300).run(obs)  # doctest: +SKIP
         """
-        obs = self.restricted(obs, capabilities)
+        obs = self.restricted(obs, capabilities, resources)
+        self.resources = resources or AttackerResources()
         t0 = time.perf_counter()
         with local_rng(obs.device), exact_convolutions(self.params.exact_convolutions):
             attempts = [
@@ -232,15 +248,16 @@ class Attack(ABC, Generic[P]):
         capabilities: AttackerCapabilities | None = None,
         *,
         batched: bool = False,
+        resources: AttackerResources | None = None,
     ) -> list[Reconstruction]:
-        """Reconstruct every observation's batch, as ``[self.run(o, capabilities) for o in
-        observations]``; attacks with a batched path (Inverting Gradients) take it where
-        ``batched`` and possible, with the same results up to float rounding.
+        """Reconstruct every observation's batch, as ``[self.run(o, capabilities, resources)
+        for o in observations]``; attacks with a batched path (Inverting Gradients) take it
+        where ``batched`` and possible, with the same results up to float rounding.
 
         Raises:
             ThreatModelError: an observation lacks what the attack requires.
         """
-        return [self.run(o, capabilities) for o in observations]
+        return [self.run(o, capabilities, resources) for o in observations]
 
 
 ATTACKS: Registry[type[Attack[Any]]] = Registry(

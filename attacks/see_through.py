@@ -22,9 +22,11 @@ from attacks._machinery.objectives import (
     total_variation,
 )
 from attacks._machinery.optim import run_langevin_adam
-from attacks._machinery.setup import INIT_DESCRIPTION, DummyInit, InversionSetup
+from attacks._machinery.setup import START_INIT_DESCRIPTION, InversionSetup, StartInit
 from attacks.base import Attack, AttackParams, Attempt, register_attack
 from attacks.labels.plans import LabelMode, labels_description, plan_labels
+from attacks.learned.params import LearnedStartParams
+from attacks.learned.start import learned_start, pull_toward
 from attacks.priors import Prior, recording, with_priors
 from attacks.priors.bn_prior import bn_prior, mean_projection, revealed_statistics
 from attacks.priors.consensus import registration
@@ -76,7 +78,17 @@ class SeeThroughGradientsParams(AttackParams):
     group: float = Field(0.01, ge=0, description="Weight of the pull toward the group consensus.")
     group_every: int = Field(100, ge=1, description="Iterations between consensus refreshes.")
     labels: LabelMode = Field("auto", description=labels_description("infer"))
-    init: DummyInit = Field("randn", description=INIT_DESCRIPTION)
+    init: StartInit = Field("randn", description=START_INIT_DESCRIPTION)
+    learned: LearnedStartParams = Field(
+        default_factory=LearnedStartParams,
+        description="The inverter behind init: learned (examples, epochs, encoding, ...).",
+    )
+    learned_pull: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of a pull toward the learned start (mean squared distance, "
+        "normalised pixels; init: learned only; 0: none).",
+    )
     ignore_layers: list[str] = Field(
         default_factory=list, description="Parameter-name prefixes left out of the matching."
     )
@@ -101,13 +113,19 @@ class SeeThroughGradients(Attack[SeeThroughGradientsParams]):
     def requirements(self, kind: MessageKind | None = None) -> Requirements:
         """Gradients, or weights with the client's lr and local steps (its SGD is unrolled);
         always the BatchNorm statistics of the private batch."""
-        return Requirements.unrolling(kind, bn_stats=True)
+        needs = Requirements.unrolling(kind, bn_stats=True)
+        if self.params.init == "learned":
+            return needs.model_copy(update={"public_data": True, "batch_size": True})
+        return needs
 
     def attempt(self, obs: Observation, generator: torch.Generator, restart: int) -> Attempt:
         p = self.params
         setup = InversionSetup.from_observation(obs, ignore=p.ignore_layers)
+        start = None
+        if p.init == "learned":
+            start = learned_start(self, obs, self.resources, p.learned, p.seed)
         members = torch.stack(
-            [setup.dummy(generator, p.init).detach() for _ in range(p.group_size)]
+            [setup.dummy(generator, p.init, start).detach() for _ in range(p.group_size)]
         )
         members.requires_grad_(True)
         plan = plan_labels(p.labels, "infer", obs, setup, generator)
@@ -119,7 +137,8 @@ class SeeThroughGradients(Attack[SeeThroughGradientsParams]):
 
         def objective() -> torch.Tensor:
             losses = [member_loss(members[g]) for g in range(p.group_size)]
-            return torch.stack(losses).sum() + p.group * group.pull(members)
+            total = torch.stack(losses).sum() + p.group * group.pull(members)
+            return total + pull_toward(members, start, p.learned_pull)
 
         def refresh(step: int) -> None:
             if p.group_size > 1 and p.group > 0 and step >= p.warmup and step % p.group_every == 0:

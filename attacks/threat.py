@@ -8,14 +8,53 @@ to grant it -- never a crash deep inside an optimisation.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from attacks.priors.bn_stats import batchnorm_layers
 from fl.simulation.observation import ALGORITHM_OF, MessageKind, Observation
 
+PublicSplit = Literal["test", "val", "holdout", "train"]
+"""Where public images come from: a split of a dataset, or the study's held-out train share."""
+
 
 class ThreatModelError(ValueError):
     """An attack was asked to run on an observation that lacks what it requires."""
+
+
+class PublicDataSpec(BaseModel):
+    """Images of the clients' kind that the attacker holds (threat model "auxiliary data",
+    LeakPro; Wu et al. 2023): never any client's. Resolved into tensors by
+    :func:`attacks.public.load_public_data`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    split: PublicSplit = Field(
+        "test",
+        description="Where the images come from: 'test' or 'val' (a split of the dataset no "
+        "client trains on), 'holdout' (the share of the study's train split that "
+        "federation.partition.holdout keeps from every client), or 'train' (only of another "
+        "dataset: the study's own train split is the clients').",
+    )
+    dataset: str | None = Field(
+        None,
+        description="A registered dataset of the same image shape (resized to the study's "
+        "image_size); default: the study's own dataset.",
+    )
+    count: int = Field(
+        1000,
+        ge=1,
+        le=1_000_000,
+        description="How many images the attacker holds, drawn (seeded by the study's seed) "
+        "from the source; all of it when the source has fewer.",
+    )
+
+    def describe(self, study_dataset: str | None = None) -> str:
+        """A short human description, e.g. ``"1000 images of pneumoniamnist's test split"``."""
+        name = self.dataset or study_dataset or "the study's dataset"
+        split = "held-out train share" if self.split == "holdout" else f"{self.split} split"
+        return f"{self.count} images of {name}'s {split}"
 
 
 class AttackerCapabilities(BaseModel):
@@ -38,6 +77,12 @@ class AttackerCapabilities(BaseModel):
         False,
         description="The BatchNorm running buffers the client returns, which reveal the "
         "statistics of its private batch.",
+    )
+    public_data: PublicDataSpec | None = Field(
+        None,
+        description="Images of the clients' kind the attacker holds (none by default); "
+        "learned attacks and init: learned train on them. Never any client's: overlap is "
+        "refused.",
     )
 
     def restrict(self, obs: Observation) -> Observation:
@@ -76,6 +121,10 @@ class Requirements(BaseModel):
         description="Needs the BatchNorm statistics of the private batch (knows_bn_stats) and "
         "a model with BatchNorm layers.",
     )
+    public_data: bool = Field(
+        False, description="Needs public images of the clients' kind (public_data)."
+    )
+    batch_size: bool = Field(False, description="Needs the client's batch size (knows_batch_size).")
 
     @classmethod
     def unrolling(cls, kind: MessageKind | None, *, bn_stats: bool = False) -> Requirements:
@@ -88,8 +137,16 @@ class Requirements(BaseModel):
             return cls(kinds=("gradient",), bn_stats=bn_stats)
         return cls(kinds=("gradient", "weights"), bn_stats=bn_stats)
 
-    def check(self, obs: Observation, attack: str) -> None:
-        """Raise :class:`ThreatModelError` if ``obs`` lacks something this attack requires."""
+    def check(self, obs: Observation, attack: str, *, public: bool = False) -> None:
+        """Raise :class:`ThreatModelError` if ``obs`` lacks something this attack requires
+        (``public``: whether the attacker holds public data)."""
+        if self.public_data and not public:
+            raise ThreatModelError(
+                f"attack {attack!r} trains on public images of the clients' kind, but the "
+                "attacker holds none; grant them with capabilities: {public_data: {split: "
+                "test, count: 1000}} (Python: AttackerCapabilities(public_data=PublicDataSpec("
+                "...)) and AttackerResources(public=load_public_data(...)))"
+            )
         if obs.kind not in self.kinds:
             raise ThreatModelError(
                 f"attack {attack!r} works on {' or '.join(self.kinds)} messages, but the "
@@ -114,6 +171,8 @@ class Requirements(BaseModel):
                 "the BatchNorm statistics of the private batch (the returned running buffers; "
                 "knows_bn_stats=True)"
             )
+        if self.batch_size and obs.batch_size is None:
+            missing.append("the client's batch size (knows_batch_size=True)")
         if self.num_examples and obs.num_examples < 1:
             missing.append("the number of examples")
         if missing:

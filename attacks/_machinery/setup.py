@@ -23,6 +23,15 @@ INIT_DESCRIPTION = (
 )
 """The description of the attacks' ``init`` parameter."""
 
+StartInit = Literal["randn", "rand", "grey", "mean", "learned"]
+"""The inits of attacks that can also start from a learned reconstruction."""
+
+START_INIT_DESCRIPTION = (
+    INIT_DESCRIPTION[:-1] + ", 'learned' the reconstruction of an inverter trained on public "
+    "data (settings in 'learned'; needs capabilities.public_data)."
+)
+"""The description of ``init`` for attacks with a learned start."""
+
 
 @dataclass
 class InversionSetup:
@@ -84,13 +93,20 @@ class InversionSetup:
             observation=obs,
         )
 
-    def dummy(self, generator: torch.Generator, init: str = "randn") -> torch.Tensor:
+    def dummy(
+        self, generator: torch.Generator, init: str = "randn", start: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """A dummy batch in the model's input space: N(0, 1) ("randn", DLG/IG), uniform over
         the valid box ("rand"), the mid-grey image ("grey": 0.5 in [0, 1]), or the flat image
         at the dataset mean ("mean", Hatamizadeh et al. 2023: the observation's normalisation
-        mean, else 0.5; the trivial baseline of ``psnr_gain``)."""
+        mean, else 0.5; the trivial baseline of ``psnr_gain``), or ``start`` ("learned": a
+        learned reconstruction in the model's input space, boxed)."""
         device = self.lower.device
-        if init == "randn":
+        if init == "learned":
+            if start is None:
+                raise ValueError("init 'learned' needs the learned reconstruction as `start`")
+            x = torch.maximum(torch.minimum(start.detach(), self.upper), self.lower).clone()
+        elif init == "randn":
             x = torch.randn(self.shape, generator=generator, device=device)
         elif init == "rand":
             u = torch.rand(self.shape, generator=generator, device=device)

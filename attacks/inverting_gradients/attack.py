@@ -21,9 +21,11 @@ from attacks.base import Attack, Attempt, register_attack
 from attacks.inverting_gradients.batched import run_batched, victims_obstacle
 from attacks.inverting_gradients.params import InvertingGradientsParams
 from attacks.labels.plans import plan_labels
+from attacks.learned.start import learned_start, pull_toward
 from attacks.priors import Prior, recording, with_priors
 from attacks.priors.bn_prior import bn_prior, mean_projection, revealed_statistics
 from attacks.priors.features import feature_prior
+from attacks.public import AttackerResources
 from attacks.reconstruction import Reconstruction
 from attacks.threat import AttackerCapabilities, Requirements
 from fl.simulation.observation import MessageKind, Observation
@@ -50,12 +52,18 @@ class InvertingGradients(Attack[InvertingGradientsParams]):
         """Gradients, or weights with the client's lr and local steps (its SGD is unrolled);
         the BatchNorm statistics with ``bn_prior`` > 0 or ``bn_project``."""
         bn = self.params.bn_prior > 0 or self.params.bn_project
-        return Requirements.unrolling(kind, bn_stats=bn)
+        needs = Requirements.unrolling(kind, bn_stats=bn)
+        if self.params.init == "learned":  # the start is learned on public data
+            return needs.model_copy(update={"public_data": True, "batch_size": True})
+        return needs
 
     def attempt(self, obs: Observation, generator: torch.Generator, restart: int) -> Attempt:
         p = self.params
         setup = InversionSetup.from_observation(obs, ignore=p.ignore_layers, include=p.layers)
-        x = setup.dummy(generator, p.init)
+        start = None
+        if p.init == "learned":
+            start = learned_start(self, obs, self.resources, p.learned, p.seed)
+        x = setup.dummy(generator, p.init, start)
         if restart > 0 and p.init_noise > 0:
             setup.perturb(x, generator, p.init_noise, p.boxed)
         plan = plan_labels(p.labels, "infer", obs, setup, generator)
@@ -76,7 +84,7 @@ class InvertingGradients(Attack[InvertingGradientsParams]):
                 )
             if p.tv > 0:
                 loss = loss + p.tv * total_variation(x)
-            return with_priors(loss, priors)
+            return with_priors(loss + pull_toward(x, start, p.learned_pull), priors)
 
         loss, steps_run, diverged = run_signed_adam(
             x,
@@ -98,23 +106,24 @@ class InvertingGradients(Attack[InvertingGradientsParams]):
         capabilities: AttackerCapabilities | None = None,
         *,
         batched: bool = False,
+        resources: AttackerResources | None = None,
     ) -> list[Reconstruction]:
         """As :meth:`Attack.run_many`; with ``batched``, victims that allow it (see
         :func:`batching_obstacle`) are reconstructed in one ``vmap`` optimisation
         (:mod:`attacks.inverting_gradients.batched`), each as its own :meth:`run` would, up to
         float rounding."""
         if not batched:
-            return super().run_many(observations, capabilities)
-        seen = [self.restricted(o, capabilities) for o in observations]
+            return super().run_many(observations, capabilities, resources=resources)
+        seen = [self.restricted(o, capabilities, resources) for o in observations]
         if batching_obstacle(self, seen) is not None:
-            return super().run_many(observations, capabilities)
+            return super().run_many(observations, capabilities, resources=resources)
         p = self.params
         setups = [
             InversionSetup.from_observation(o, ignore=p.ignore_layers, include=p.layers)
             for o in seen
         ]
         if any(s.names != setups[0].names for s in setups):
-            return super().run_many(observations, capabilities)
+            return super().run_many(observations, capabilities, resources=resources)
         return run_batched(self.name, p, seen, setups)
 
 
@@ -134,6 +143,8 @@ def batching_obstacle(attack: Attack[Any], observations: Sequence[Observation]) 
         return "optimised soft labels"
     if p.feature_prior > 0:
         return "a feature prior (its targets are per victim)"
+    if p.init == "learned":
+        return "a learned start (per victim)"
     if p.bn_prior > 0 or p.bn_project:
         return "a BatchNorm prior (its statistics are recorded per victim by hooks)"
     return victims_obstacle(observations)

@@ -9,9 +9,10 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from attacks._machinery.setup import INIT_DESCRIPTION, DummyInit
+from attacks._machinery.setup import START_INIT_DESCRIPTION, StartInit
 from attacks.base import AttackParams
 from attacks.labels.plans import LabelMode, labels_description
+from attacks.learned.params import LearnedStartParams
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,17 @@ class InvertingGradientsParams(AttackParams):
         True, description="Clamp the images to the valid pixel range after every step."
     )
     labels: LabelMode = Field("auto", description=labels_description("infer"))
-    init: DummyInit = Field("randn", description=INIT_DESCRIPTION)
+    init: StartInit = Field("randn", description=START_INIT_DESCRIPTION)
+    learned: LearnedStartParams = Field(
+        default_factory=LearnedStartParams,
+        description="The inverter behind init: learned (examples, epochs, encoding, ...).",
+    )
+    learned_pull: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of a pull toward the learned start (mean squared distance, "
+        "normalised pixels; init: learned only; 0: none).",
+    )
     init_noise: float = Field(
         0.0,
         ge=0,

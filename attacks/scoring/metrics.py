@@ -490,7 +490,6 @@ def _lpips_distances(
         return None, f"unavailable: {exc}"
 
 
-
 _MISSING = object()
 
 

@@ -38,7 +38,7 @@ from fl.data.base import (
     resize_images,
     unregister,
 )
-from fl.data.partition import SCHEMES, label_skew, partition
+from fl.data.partition import SCHEMES, label_skew, partition, split_holdout
 
 del _folder, _medmnist, _torchvision_sets
 DATASETS.mark_builtin()
@@ -61,5 +61,6 @@ __all__ = [
     "partition",
     "register",
     "resize_images",
+    "split_holdout",
     "unregister",
 ]

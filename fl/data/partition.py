@@ -36,6 +36,7 @@ __all__ = [
     "PartitionOptions",
     "label_skew",
     "partition",
+    "split_holdout",
 ]
 
 #: How often a Dirichlet draw is repeated before empty clients are filled by moving examples.
@@ -196,6 +197,28 @@ def partition(
             for p in parts
         ]
     return [np.sort(p).astype(np.int64, copy=False) for p in parts]
+
+
+def split_holdout(n: int, share: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Split ``n`` train indices into those the clients share and a held-out ``share`` no
+    client receives (an attacker's public data, ``federation.partition.holdout``).
+
+    Returns ``(kept, held_out)``, both sorted ``int64``; ``share`` 0 keeps everything.
+
+    Example:
+        >>> kept, held = split_holdout(10, 0.2, seed=0)
+        >>> len(kept), len(held), sorted(set(kept) | set(held)) == list(range(10))
+        (8, 2, True)
+    """
+    if not 0 <= share < 1:
+        raise ValueError(f"holdout share must be in [0, 1), got {share!r}")
+    held_count = round(share * n)
+    if held_count == 0:
+        return np.arange(n, dtype=np.int64), np.empty(0, dtype=np.int64)
+    order = np.random.default_rng([int(seed), 0x401D]).permutation(n)
+    return np.sort(order[held_count:]).astype(np.int64), np.sort(order[:held_count]).astype(
+        np.int64
+    )
 
 
 def label_skew(

@@ -29,6 +29,13 @@ class PartitionConfig(BaseModel):
         2, ge=1, le=10_000, description="Label shards (~classes) per client (at most 10000)."
     )
     max_per_client: int | None = Field(None, ge=1, description="Cap on examples per client.")
+    holdout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Share of the train split no client receives (seeded): the images an "
+        "attacker's public_data may take with split: holdout.",
+    )
 
 
 class FederationConfig(BaseModel):

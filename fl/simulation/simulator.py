@@ -181,10 +181,12 @@ class Simulator:
         self.num_classes = int(train.info.num_classes)
         labels = _image_attr(train, "labels")
         assert isinstance(labels, torch.Tensor)
+        self.holdout = np.empty(0, dtype=np.int64)
         if partition is None:
             p = config.partition
-            partition = fl_data.partition(
-                labels.numpy(),
+            kept, self.holdout = fl_data.split_holdout(len(labels), p.holdout, seed)
+            parts = fl_data.partition(
+                labels.numpy()[kept],
                 config.clients,
                 scheme=p.scheme,
                 alpha=p.alpha,
@@ -192,6 +194,7 @@ class Simulator:
                 max_per_client=p.max_per_client,
                 seed=seed,
             )
+            partition = [kept[part] for part in parts]  # positions in the whole train split
         if len(partition) != config.clients:
             raise ValueError(f"partition has {len(partition)} parts for {config.clients} clients")
         self.partition = [np.asarray(part, dtype=np.int64) for part in partition]
