@@ -24,6 +24,7 @@ from torch import nn
 from attacks._machinery.setup import InversionSetup
 from attacks.base import Attack, AttackParams, Attempt, local_rng, register_attack
 from attacks.labels.plans import plan_labels
+from attacks.public import AttackerResources
 from attacks.threat import AttackerCapabilities, Requirements, ThreatModelError
 from fl.simulation.observation import MessageKind, Observation
 
@@ -268,7 +269,10 @@ class Analytic(Attack[AnalyticParams]):
         return Requirements(kinds=("gradient", "weights"))
 
     def restricted(
-        self, obs: Observation, capabilities: AttackerCapabilities | None
+        self,
+        obs: Observation,
+        capabilities: AttackerCapabilities | None,
+        resources: AttackerResources | None = None,
     ) -> Observation:
         """``obs`` as this attacker sees it; also refuses what the closed form cannot invert.
 
@@ -276,8 +280,7 @@ class Analytic(Attack[AnalyticParams]):
             ThreatModelError: a first layer that is not a Linear with bias on the flattened
                 image (or missing from the message), or a missing requirement.
         """
-        seen = (capabilities or AttackerCapabilities()).restrict(obs)
-        self.requirements(seen.kind).check(seen, self.name)
+        seen = super().restricted(obs, capabilities, resources)
         layer = first_linear_layer(seen.model, seen.image_shape)
         missing = [n for n in (layer.weight, layer.bias) if n not in seen.message]
         if missing:

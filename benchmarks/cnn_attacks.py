@@ -27,11 +27,21 @@ method gets ``--iterations`` and, when given, ``--restarts`` (the ``*_avg`` meth
 (value parsed as JSON or a Python literal). The attacker knows the BatchNorm statistics (the
 returned buffers) and, with ``--labels known``, the labels.
 
+Attacks on public data (named only: ``learned``, ``feature`` and their ``*_prior`` ablations and
+``*_static`` non-adaptive variants, ``ig_learned``, ``ig_bn_feat_learned``): the attacker holds
+``--public`` training images (default 4,000; at most all but 400, which stay the reference:
+mean image and identification pool), disjoint from the test-split victims, and neither labels
+nor BatchNorm statistics reach the learned inverters. Each row trains one inverter at the
+group's weights, shared by its victims (its time is in the first victim's seconds); a line per
+group gives each learned attack's PSNR over its prior-only ablation. ``--defense NAME``
+(``--defense-param KEY=VALUE``) applies a defense to the victims' steps; the adaptive attacks
+simulate it on their public batches, the ``*_static`` ones do not.
+
     python benchmarks/cnn_attacks.py [--datasets retinamnist pneumoniamnist photos]
         [--models convnet16 convnet32 resnet18] [--states untrained fedavg5] [--batches 1 4]
         [--methods ig ig_bn ig_bn_project ig_bn_feat ig_feat stg ig_bn_avg ...]
         [--param ig_bn.bn_prior=0.1] [--iterations 1500] [--restarts N] [--images 4]
-        [--labels known|infer]
+        [--labels known|infer] [--public 4000] [--defense NAME] [--defense-param KEY=VALUE]
         [--algorithm fedsgd|fedavg] [--lr 0.01] [--local-steps 1] [--train KEY=VALUE] [--seed 0]
         [--data-root ../shared/data] [--cache ~/.cache/obscura/cnn_attacks]
         [--json results.jsonl] [--grid FOLDER] [--threads N] [--device auto]
@@ -62,10 +72,17 @@ from typing import Any
 import _isolate  # noqa: F401  (first: keeps the attacks package importable)
 import torch
 
-from attacks import AttackConfigError, AttackerCapabilities, get_attack
+from attacks import (
+    AttackConfigError,
+    AttackerCapabilities,
+    AttackerResources,
+    PublicData,
+    get_attack,
+)
 from attacks.scoring.metrics import Score, flat_value, score, score_images
 from attacks.scoring.plots import save_pair_grid
 from attacks.scoring.population import Reference
+from defenses import get_defense
 from fl import data, models
 from fl.simulation import (
     FederationConfig,
@@ -79,6 +96,7 @@ from fl.simulation.observation import GroundTruth, Observation
 from tests._support.samples import sample_images
 
 SIZE = 32
+MIN_REFERENCE = 400  # training images kept for the reference when the attacker takes public ones
 PHOTO_CLASSES = 10
 PHOTO_POOL = 30  # every photograph crop tests._support.samples has
 
@@ -87,6 +105,7 @@ _IG = {"tv": 0.2}
 _IG_BN_PROJECT = {**_IG, "bn_prior": 0.3, "init": "mean", "bn_project": True}
 _IG_BN_FEAT = {**_IG_BN_PROJECT, "feature_prior": 1.0}
 _AVERAGE_4 = {"restarts": 4, "restart_average": True, "init_noise": 0.25}
+_FEATURE_START = {"encoding": "classifier_input"}
 METHODS: dict[str, tuple[str, dict[str, object]]] = {
     "ig": ("inverting_gradients", _IG),
     "ig_bn": ("inverting_gradients", {**_IG, "bn_prior": 0.3, "init": "mean"}),
@@ -98,10 +117,30 @@ METHODS: dict[str, tuple[str, dict[str, object]]] = {
     "ig_bn_feat_avg": ("inverting_gradients", {**_IG_BN_FEAT, **_AVERAGE_4}),
     "stg": ("see_through_gradients", {}),
     "stg_project": ("see_through_gradients", {"bn_project": True, "init": "mean"}),
+    # attacks on public data (--public): learned inversion (Wu et al. 2023), the feature
+    # decoder, each with its prior-only ablation and without the defense ("static"), and
+    # Inverting Gradients started from the feature decoder's reconstruction
+    "learned": ("learned_inversion", {}),
+    "learned_prior": ("learned_inversion", {"ablation": "prior_only"}),
+    "learned_static": ("learned_inversion", {"adaptive": False}),
+    "feature": ("feature_inversion", {}),
+    "feature_prior": ("feature_inversion", {"ablation": "prior_only"}),
+    "feature_static": ("feature_inversion", {"adaptive": False}),
+    "ig_learned": ("inverting_gradients", {**_IG, "init": "learned", "learned": _FEATURE_START}),
+    "ig_bn_feat_learned": (
+        "inverting_gradients",
+        {**_IG_BN_FEAT, "init": "learned", "learned": _FEATURE_START},
+    ),
 }
 
 AVERAGED = tuple(m for m, (_, params) in METHODS.items() if params.get("restart_average"))
 """Methods that average four restarts (four times the work): run only when named."""
+ON_PUBLIC_DATA = tuple(
+    m
+    for m, (attack, params) in METHODS.items()
+    if get_attack(attack, **params).requirements().public_data
+)
+"""Methods that train on public data (minutes each on a CPU): run only when named."""
 #: Model label -> (registered model, options); every one has BatchNorm.
 MODELS: dict[str, tuple[str, dict[str, object]]] = {
     "convnet16": ("convnet", {"width": 16, "norm": "batch"}),
@@ -143,6 +182,7 @@ class Source:
     test: data.ImageData | None = None
     indices: list[int] = field(default_factory=list)
     reference: Reference | None = None
+    public: PublicData | None = None
 
     @property
     def channels(self) -> int:
@@ -155,8 +195,25 @@ class Source:
         return self.images[sl], self.labels[sl], self.indices[sl]
 
 
-def load_source(name: str, root: Path, count: int, seed: int) -> Source:
-    """``count`` victim images of dataset ``name`` chosen by ``seed`` (see the module docstring).
+def split_train(
+    train: data.ImageData, public: int, seed: int, name: str
+) -> tuple[PublicData | None, Reference]:
+    """The attacker's ``public`` training images (at most all but ``MIN_REFERENCE``, chosen
+    by ``seed``) and the reference of the rest; without public images the whole split."""
+    if public <= 0:
+        return None, Reference.from_images(train.images, seed=seed)
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + 1))
+    count = min(public, len(train) - MIN_REFERENCE)
+    chosen, rest = order[:count], order[count:]
+    held = PublicData.from_tensors(
+        train.float_images(chosen), train.labels[chosen], f"{count} {name} train images"
+    )
+    return held, Reference.from_images(train.images[rest], seed=seed)
+
+
+def load_source(name: str, root: Path, count: int, seed: int, public: int = 0) -> Source:
+    """``count`` victim images of dataset ``name`` chosen by ``seed`` (see the module docstring);
+    ``public`` training images for the attacker (MedMNIST only), the reference from the rest.
 
     Raises:
         ValueError: more photographs asked for than exist.
@@ -189,6 +246,7 @@ def load_source(name: str, root: Path, count: int, seed: int) -> Source:
     train = data.load(registered, root=root, split="train", image_size=SIZE)
     test = data.load(registered, root=root, split="test", image_size=SIZE)
     idx = torch.randperm(len(test), generator=g)[:count]
+    held, reference = split_train(train, public, seed, name)
     return Source(
         name,
         test.float_images(idx),
@@ -199,7 +257,8 @@ def load_source(name: str, root: Path, count: int, seed: int) -> Source:
         train,
         test,
         idx.tolist(),
-        Reference.from_images(train.images, seed=seed),
+        reference,
+        held,
     )
 
 
@@ -447,9 +506,21 @@ class Bench:
                 std=source.std,
                 reveal_labels=self.args.labels == "known",
                 seed=i,
+                hooks=self.defense(),
             )
             out.append((obs, truth, idx))
         return out
+
+    def defense(self) -> Any:
+        """A fresh instance of ``--defense`` with its ``--defense-param`` values."""
+        return get_defense(self.args.defense, **self.args.defense_params)
+
+    def resources(self, source: Source) -> AttackerResources:
+        """The attacker's public images and the defense's algorithm (a factory of fresh
+        instances: the attacker's own private state)."""
+        return AttackerResources(
+            public=source.public, defense=self.defense, defense_name=self.args.defense
+        )
 
     def record(self, group: Group, method: str, victim: int, idx: list[int], s: dict) -> dict:
         """A per-victim record: the group, the method and its scores; written to ``--json``."""
@@ -501,9 +572,13 @@ def method_rows(
     attack_name, params = bench.params(method)
     rows = []
     shown: list[tuple[torch.Tensor, torch.Tensor, list[float]]] = []
+    attack = get_attack(attack_name, **params)  # one per row: a learned inverter is shared
+    if attack.requirements().public_data and source.public is None:
+        print(f"{group.cells()}| {method} | skipped: no public images (--public) |", flush=True)
+        return []
+    resources = bench.resources(source)
     for i, (obs, truth, idx) in enumerate(victims):
-        attack = get_attack(attack_name, **params)
-        rec = attack.run(obs, bench.capabilities)
+        rec = attack.run(obs, bench.capabilities, resources)
         s = score(
             rec,
             truth,
@@ -521,6 +596,9 @@ def method_rows(
             "loss": rec.loss,
             "diverged": rec.diverged,
             "label_source": rec.label_source,
+            "defense": bench.args.defense,
+            "public": None if source.public is None else len(source.public),
+            "extras": rec.extras,
         }
         rows.append(bench.record(group, method, i, idx, _keep(s, **extra)))
     if bench.args.grid is not None:
@@ -563,9 +641,18 @@ def run_group(
     psnr: dict[str, float] = {}
     for method in order:
         rows = method_rows(bench, group, method, victims, source)
+        if not rows:
+            continue
         psnr[method] = print_row(group, method, rows, ig)
         if method == "ig":
             ig = psnr[method]
+    for method, ablation in (("learned", "learned_prior"), ("feature", "feature_prior")):
+        if method in psnr and ablation in psnr:
+            print(
+                f"{group.cells()}| {method} over its prior-only ablation: "
+                f"{_signed(psnr[method] - psnr[ablation])} dB PSNR |",
+                flush=True,
+            )
     return {m: v - ig for m, v in psnr.items() if ig is not None and m != "ig"}
 
 
@@ -574,7 +661,7 @@ def run_all(bench: Bench) -> list[tuple[Group, dict[str, float]]]:
     a = bench.args
     summaries = []
     for dataset in a.datasets:
-        source = load_source(dataset, a.data_root, a.images * max(a.batches), a.seed)
+        source = load_source(dataset, a.data_root, a.images * max(a.batches), a.seed, a.public)
         for label in a.models:
             for state in a.states:
                 if state == "fedavg5" and source.train is None:
@@ -619,8 +706,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--methods",
         nargs="+",
         choices=list(METHODS),
-        default=[m for m in METHODS if m not in AVERAGED],
-        help="default: all but the four-restart methods " + ", ".join(AVERAGED),
+        default=[m for m in METHODS if m not in AVERAGED + ON_PUBLIC_DATA],
+        help="default: all but the four-restart methods "
+        + ", ".join(AVERAGED)
+        + " and those on public data "
+        + ", ".join(ON_PUBLIC_DATA),
+    )
+    p.add_argument(
+        "--public",
+        type=int,
+        default=None,
+        help="training images the attacker holds (at most all but "
+        f"{MIN_REFERENCE}, the reference being the rest; default 4000 when a method on public "
+        "data runs, else 0)",
+    )
+    p.add_argument("--defense", default="none", help="the victims' defense (at its defaults)")
+    p.add_argument(
+        "--defense-param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a hyperparameter of --defense",
     )
     p.add_argument(
         "--param", action="append", default=[], metavar="METHOD.KEY=VALUE", help="override"
@@ -662,7 +768,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--batches must be at least 1")
     if "photos" in args.datasets and args.images * max(args.batches) > PHOTO_POOL:
         p.error(f"photos: --images x the largest of --batches must be at most {PHOTO_POOL}")
+    if args.public is None:
+        args.public = 4000 if set(args.methods) & set(ON_PUBLIC_DATA) else 0
     try:
+        args.defense_params = {
+            k: _literal(v) for k, _, v in (item.partition("=") for item in args.defense_param)
+        }
+        get_defense(args.defense, **args.defense_params)
         args.overrides = parse_overrides(args.param)
         args.training = parse_training(args.train)
         for method in args.methods:  # a bad parameter fails now, not after hours of training
@@ -684,6 +796,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"device={bench.device} threads={torch.get_num_threads()} {SIZE} px, "
         f"{args.algorithm}, labels {args.labels}, {args.iterations} iterations, "
+        f"defense {args.defense} {args.defense_params or ''}, public images {args.public}, "
         f"restarts {args.restarts or 'per method'}, {args.images} victims per row, "
         f"LPIPS backbone {bench.lpips_backbone or 'none (LPIPS n/a)'}"
     )

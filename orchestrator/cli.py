@@ -213,7 +213,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     from attacks.labels import LABEL_RULES
     from defenses import available_defenses, defense_class
     from fl import data, models
-    from orchestrator.metrics import COST_PER_ATTACK, PRIVACY, known_metrics
+    from orchestrator.metrics import COST_PER_ATTACK, PRIVACY, PUBLIC_IMAGES, known_metrics
 
     print("datasets:", ", ".join(data.available()))
     print("models:")
@@ -240,14 +240,19 @@ def cmd_list(args: argparse.Namespace) -> int:
         attack = attack_class(name)
         needed = attack().requirements()  # with the attack's defaults
         kinds = "/".join(needed.kinds)
-        needs = "; needs knows_bn_stats" if needed.bn_stats else ""
+        wants = [
+            w
+            for w, on in (("knows_bn_stats", needed.bn_stats), ("public_data", needed.public_data))
+            if on
+        ]
+        needs = f"; needs {', '.join(wants)}" if wants else ""
         print(f"  {name} ({kinds}{needs}): {(attack.__doc__ or '').strip().splitlines()[0]}")
         for key, field in attack.Params.model_fields.items():
             if key not in AttackParams.model_fields or key == "iterations":
                 default = field.get_default(call_default_factory=True)
                 print(f"      {key} = {default!r}")
     print("label inference rules (attacks.infer_labels):", ", ".join(["auto", *LABEL_RULES]))
-    per_attack = [f"<attack>_{p}" for p in (*PRIVACY, COST_PER_ATTACK)]
+    per_attack = [f"<attack>_{p}" for p in (*PRIVACY, COST_PER_ATTACK, PUBLIC_IMAGES)]
     print("metrics (per attack: " + ", ".join(per_attack) + "):")
     print("  " + ", ".join(known_metrics()))
     return 0

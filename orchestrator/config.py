@@ -20,7 +20,7 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from attacks import AttackerCapabilities, attack_class, available_attacks
+from attacks import AttackerCapabilities, PublicDataSpec, attack_class, available_attacks
 from attacks.inverting_gradients import BATCH_VICTIMS_DESCRIPTION, BatchVictims
 from defenses import Defense, ParamSpec, available_defenses, defense_class
 from fl import data as fl_data
@@ -210,6 +210,21 @@ class AttackSection(BaseModel):
                 "client's returned buffers reveal; grant them with capabilities: "
                 "{knows_bn_stats: true}, or drop its BatchNorm prior"
             )
+        public = self.capabilities.public_data
+        if attack.requirements().public_data and public is None:
+            raise ValueError(
+                f"attack {self.name!r} (so configured) trains on public images of the clients' "
+                "kind; grant them with capabilities: {public_data: {split: test, count: 1000}}"
+            )
+        if (
+            public is not None
+            and public.dataset is not None
+            and public.dataset not in fl_data.available()
+        ):
+            raise ValueError(
+                f"capabilities.public_data.dataset: unknown dataset {public.dataset!r}; "
+                f"known: {', '.join(fl_data.available())}"
+            )
         return self
 
     @property
@@ -337,6 +352,34 @@ class ValiditySection(BaseModel):
     )
 
 
+def _check_public(i: int, public: PublicDataSpec, dataset: str, holdout: float) -> None:
+    """Refuse public data that would be a client's: the study's own train split, or a holdout
+    the partition does not keep (the trial checks the drawn images by index as well)."""
+    where = f"attacks.{i}.capabilities.public_data"
+    same = public.dataset is None or fl_data.info(public.dataset).name == fl_data.info(dataset).name
+    if same and public.split == "train":
+        raise ValueError(
+            f"{where}.split: 'train' of the study's dataset is the clients' data; use 'test', "
+            "'val', or 'holdout' with federation.partition.holdout > 0"
+        )
+    if public.split == "holdout" and not same:
+        raise ValueError(
+            f"{where}.split: 'holdout' is a share of the study's own train split; for "
+            f"{public.dataset!r} use 'train', 'val' or 'test'"
+        )
+    if public.split == "holdout" and holdout <= 0:
+        raise ValueError(
+            f"{where}.split: 'holdout' needs federation.partition.holdout > 0 (the share of the "
+            "train split no client receives), e.g. 0.2"
+        )
+    info = fl_data.info(public.dataset or dataset)
+    split = "train" if public.split == "holdout" else public.split
+    if info.splits and split not in info.splits:
+        raise ValueError(
+            f"{where}.split: {info.name} has no {split!r} split (it has {', '.join(info.splits)})"
+        )
+
+
 class StudyConfig(BaseModel):
     """A whole study (see the README's study-file reference)."""
 
@@ -387,8 +430,7 @@ class StudyConfig(BaseModel):
     )
     validity: ValiditySection = Field(
         default_factory=ValiditySection,
-        description="When the undefended control counts as broken, so the front can rank "
-        "defenses.",
+        description="When the undefended control counts as broken, so the front can rank defenses.",
     )
     output: Path = Field(
         Path("results"), description="Results go to output/<study>/ (made absolute)."
@@ -500,6 +542,9 @@ class StudyConfig(BaseModel):
                     f"attacks.{i}.rounds {late} lie beyond the last round "
                     f"(federation.rounds is {fed.rounds}, rounds are 0-based)"
                 )
+            public = attack.capabilities.public_data
+            if public is not None:
+                _check_public(i, public, self.data.dataset, fed.partition.holdout)
             if attack.victims > fed.clients_per_round:
                 raise ValueError(
                     f"attacks.{i}.victims ({attack.victims}) exceeds the clients sampled per "

@@ -35,6 +35,8 @@ WORST: dict[str, Literal["max", "min"]] = {s.name: s.worst for s in TRIAL_STATIS
 OTHER = ("epsilon", "seconds_train", "seconds_attack", "seconds_metrics", "peak_memory_mb")
 #: Per-attack cost: ``<attack>_seconds``, that attack's share of ``seconds_attack``.
 COST_PER_ATTACK = "seconds"
+#: ``<attack>_public_images``: how many public images the attacker held (None: none granted).
+PUBLIC_IMAGES = "public_images"
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,7 @@ def builtin_names(attacks: Sequence[str] = ()) -> list[str]:
     """The built-in metric names for a study with these attack labels."""
     names = list(UTILITY) + list(DERIVED) + [f"attack_{p}" for p in PRIVACY] + list(OTHER)
     for a in attacks:
-        names += [f"{a}_{p}" for p in PRIVACY] + [f"{a}_{COST_PER_ATTACK}"]
+        names += [f"{a}_{p}" for p in PRIVACY] + [f"{a}_{COST_PER_ATTACK}", f"{a}_{PUBLIC_IMAGES}"]
     return names
 
 

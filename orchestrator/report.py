@@ -230,7 +230,16 @@ def _settings_section(cfg: StudyConfig) -> Section:
         ],
         [
             "attacks",
-            ", ".join(f"{a.key} (rounds {a.rounds}, {a.victims} victim(s))" for a in cfg.attacks),
+            ", ".join(
+                f"{a.key} (rounds {a.rounds}, {a.victims} victim(s)"
+                + (
+                    f"; public data: {a.capabilities.public_data.describe(cfg.data.dataset)}"
+                    if a.capabilities.public_data is not None
+                    else ""
+                )
+                + ")"
+                for a in cfg.attacks
+            ),
         ],
         ["objectives", ", ".join(f"{o.metric} ({o.mode})" for o in cfg.objectives)],
         [

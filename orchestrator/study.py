@@ -468,6 +468,11 @@ def _flat_params(cfg: StudyConfig) -> dict[str, Any]:
         **{f"federation.{k}": v for k, v in cfg.federation.model_dump().items()},
         "defenses": ",".join(cfg.defenses),
         "attacks": ",".join(a.key for a in cfg.attacks),
+        **{
+            f"attack.{a.key}.public_data": a.capabilities.public_data.describe(cfg.data.dataset)
+            for a in cfg.attacks
+            if a.capabilities.public_data is not None
+        },
         "objectives": ",".join(f"{o.metric}:{o.mode}" for o in cfg.objectives),
         "sampler": cfg.search.sampler,
         "trials": cfg.search.trials,

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from attacks import Reconstruction, get_attack
+from attacks import AttackerResources, Reconstruction, get_attack, load_public_data
 from attacks.inverting_gradients import batch_victims
 from attacks.scoring.metrics import Score, score
 from attacks.scoring.plots import save_pair_grid
@@ -29,9 +29,10 @@ from fl import data as fl_data
 from fl import models as fl_models
 from fl.simulation import CaptureConfig, RoundRecord, RunResult, Simulator, resolve_device
 from fl.simulation.observation import GroundTruth, Observation
-from orchestrator.config import StudyConfig
+from orchestrator.config import AttackSection, StudyConfig
 from orchestrator.metrics import (
     COST_PER_ATTACK,
+    PUBLIC_IMAGES,
     attack_summary,
     custom_objectives,
     worst_case,
@@ -152,7 +153,8 @@ def run_trial(
         sim.close()  # client threads (parallel_clients) end with the trial, also on failure
     seconds_train = time.perf_counter() - t0
     t0 = time.perf_counter()
-    attacked = _attack(config, result, dev, image_dir, progress)
+    knowledge = _Knowledge(defense, params, sim.partition, sim.holdout, train.channels)
+    attacked = _attack(config, result, dev, image_dir, progress, knowledge)
     metrics = _trial_metrics(result, attacked, hooks)
     metrics.update(seconds_train=seconds_train, seconds_attack=time.perf_counter() - t0)
     metrics["seconds_metrics"] = attacked.seconds_metrics
@@ -209,6 +211,44 @@ def _federate(
     return sim.run()
 
 
+@dataclass(frozen=True)
+class _Knowledge:
+    """What the trial tells its attackers beyond the observations: the defense and its
+    hyperparameters (Kerckhoffs), and, to keep public data off every client's, the partition
+    and the held-out train indices."""
+
+    defense: str
+    params: dict[str, Any]
+    partition: list[Any]
+    holdout: Any
+    channels: int
+
+    def resources(self, config: StudyConfig, spec: AttackSection) -> AttackerResources:
+        """The resources of ``spec``'s attacker: its public data (loaded and checked against
+        every client's indices) and a factory of fresh instances of the trial's defense."""
+        granted = spec.capabilities.public_data
+        d = config.data
+        public = None
+        if granted is not None:
+            public = load_public_data(
+                granted,
+                dataset=d.dataset,
+                root=str(d.root),
+                seed=config.seed,
+                image_size=d.image_size,
+                download=d.download,
+                holdout=self.holdout,
+                clients=self.partition,
+                channels=self.channels,
+            )
+        return AttackerResources(
+            public=public,
+            defense=functools.partial(get_defense, self.defense, **self.params),
+            defense_name=self.defense,
+            rounds=config.federation.rounds,
+        )
+
+
 @dataclass
 class _Attacked:
     """What the attacks of a trial produced: one record per attacked image, each attack's
@@ -219,6 +259,7 @@ class _Attacked:
     images: list[Path] = field(default_factory=list)
     seconds_metrics: float = 0.0
     seconds_per_attack: dict[str, float] = field(default_factory=dict)
+    public_images: dict[str, int] = field(default_factory=dict)
 
 
 def _attack(
@@ -227,9 +268,11 @@ def _attack(
     device: torch.device,
     image_dir: Path | None,
     progress: Callable[[str], None] | None,
+    knowledge: _Knowledge,
 ) -> _Attacked:
     """Every configured attack on its victims (the first ``victims`` sampled clients of each
-    attacked round), scored against the ground truth."""
+    attacked round), scored against the ground truth; attackers granted public data train on
+    it (its loading and their training count in the attack's seconds)."""
     out = _Attacked()
     d = config.data
     reference = _reference(
@@ -244,10 +287,14 @@ def _attack(
             if obs.round in spec.rounds and rank[(obs.round, obs.client)] < spec.victims
         ]
         attack = get_attack(spec.name, seed=config.seed, **spec.params)
+        resources = knowledge.resources(config, spec)
+        if resources.public is not None:
+            out.public_images[spec.key] = len(resources.public)
         reconstructions = attack.run_many(
             [o for o, _ in chosen],
             spec.capabilities,
             batched=len(chosen) > 1 and batch_victims(spec.batch_victims, device),
+            resources=resources,
         )  # batched where the attack has such a path and the victims allow it
         rows: list[dict[str, Any]] = []
         for (obs, truth), rec in zip(chosen, reconstructions, strict=True):
@@ -313,6 +360,9 @@ def _trial_metrics(
     for key, summary in attacked.summaries.items():
         metrics.update({f"{key}_{k}": v for k, v in summary.items()})
     metrics.update(worst_case(attacked.summaries))
+    for key in attacked.summaries:  # None: the attacker held no public data
+        count = attacked.public_images.get(key)
+        metrics[f"{key}_{PUBLIC_IMAGES}"] = None if count is None else float(count)
     metrics["epsilon"] = hooks.epsilon()  # at the defense's own δ
     return metrics
 

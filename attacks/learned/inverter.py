@@ -90,7 +90,8 @@ def train_inverter(
     held = round(params.validation * n) if n >= 20 else 0
     val, train = order[:held], order[held:]
     prior = images[train].mean(dim=(0, 1))
-    net = Inverter(codes.shape[1], tuple(images.shape[1:]), params.hidden, params.depth, prior)
+    b, c, h, w = images.shape[1:]
+    net = Inverter(codes.shape[1], (b, c, h, w), params.hidden, params.depth, prior)
     optimiser = torch.optim.Adam(net.parameters(), lr=params.learning_rate)
     best_state, best_loss, best_epoch = copy.deepcopy(net.state_dict()), float("inf"), 0
     train_losses: list[float] = []
@@ -98,12 +99,11 @@ def train_inverter(
     for epoch in range(params.epochs):
         net.train()
         losses = []
-        for chunk in train[torch.randperm(train.numel(), generator=generator)].split(
-            params.minibatch
-        ):
+        shuffled = train[torch.randperm(train.numel(), generator=generator)]
+        for chunk in torch.split(shuffled, params.minibatch):
             loss = set_loss(net(codes[chunk]), images[chunk])
             optimiser.zero_grad(set_to_none=True)
-            loss.backward()
+            torch.autograd.backward(loss)  # = Tensor.backward(), which has no hints
             optimiser.step()
             losses.append(float(loss.detach()))
         train_losses.append(float(np.mean(losses)))

@@ -18,11 +18,13 @@ from torch import nn
 
 from attacks.public import PublicData
 from fl.simulation.client import run_client
+from fl.simulation.config import MAX_CLIENTS
 from fl.simulation.hooks import ClientContext, ClientHooks
 from fl.simulation.observation import ALGORITHM_OF, Observation
 
-SURROGATE_CLIENT = -1
-"""The client id of the attacker's simulated clients (no real client has it)."""
+SURROGATE_CLIENT = 10 * MAX_CLIENTS
+"""The client id of the attacker's simulated clients: no real client has it (ids are below
+``MAX_CLIENTS``), and defenses that seed per client accept it (non-negative)."""
 
 
 @dataclass(frozen=True)

@@ -73,7 +73,8 @@ class TrainedInverter:
         net = self.training.inverter
         code = self.standardizer(self.encoder(observed_update(obs))[None])
         device = next(net.parameters()).device
-        return net(code.to(device))[0].cpu()
+        images: torch.Tensor = net(code.to(device))[0].cpu()
+        return images
 
 
 def fit_inverter(

@@ -7,7 +7,7 @@ split (disjoint); the reference (mean image, identification pool) from the rest 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
@@ -23,9 +23,10 @@ from attacks import (
     get_attack,
     load_public_data,
 )
+from attacks.learned.simulate import SURROGATE_CLIENT
 from attacks.scoring.metrics import score
 from attacks.scoring.population import Reference
-from defenses import Defense, DefenseParams
+from defenses import BUILTIN_DEFENSES, Defense, DefenseParams, get_defense
 from fl import data, models
 from fl.simulation import FederationConfig, Simulator
 from fl.simulation.hooks import ClientContext
@@ -142,13 +143,13 @@ class _Recording(Defense[_RecordingParams]):
     """A defense that adds nothing but counts each hook call (shared across instances)."""
 
     Params = _RecordingParams
-    calls: dict[str, int] = {}
+    calls: ClassVar[dict[str, int]] = {}
 
     def transform_batch(
         self, images: torch.Tensor, labels: torch.Tensor, model: Any, ctx: ClientContext
     ) -> torch.Tensor:
         self.calls["transform_batch"] = self.calls.get("transform_batch", 0) + 1
-        assert ctx.client < 0  # the attacker's own simulated client, never a real one
+        assert ctx.client == SURROGATE_CLIENT  # the attacker's own client, never a real one
         return images
 
     def process_update(
@@ -192,3 +193,33 @@ def test_public_data_overlapping_a_client_is_refused_by_index(xrays, shared_dir:
         load_public_data(PublicDataSpec(split="train"), image_size=SIZE, **kwargs)
     with pytest.raises(PublicDataError, match="holdout > 0"):
         load_public_data(spec, image_size=SIZE, holdout=None, **kwargs)
+
+
+@pytest.mark.parametrize("defense", sorted(BUILTIN_DEFENSES))
+def test_the_adaptive_attack_simulates_every_built_in_defense(xrays, defense: str) -> None:
+    """Each built-in defense, at its defaults (the shadow attack shortened to 5 iterations),
+    runs inside the attacker's simulated clients (a fresh instance: its own noise draws,
+    generator or maps) on a model it accepts."""
+    options = {"shadow_iterations": 5} if defense == "shadow" else {}
+    torch.manual_seed(0)
+    norm = "group" if defense == "dp_sgd" else "batch"  # DP-SGD refuses BatchNorm
+    model = models.build(
+        "convnet", channels=1, classes=2, image_size=SIZE, width=4, norm=norm, groups=2
+    )
+    test = xrays["test"]
+    obs, _ = observe_client_step(
+        model,
+        test.float_images([0]),
+        test.labels[[0]].long(),
+        mean=xrays["train"].mean,
+        std=xrays["train"].std,
+        hooks=get_defense(defense, **options),
+    )
+    resources = AttackerResources(
+        public=xrays["public"],
+        defense=lambda: get_defense(defense, **options),
+        defense_name=defense,
+    )
+    params = {**FAST, "examples": 16, "epochs": 1}
+    rec = get_attack("learned_inversion", **params).run(obs, resources=resources)
+    assert rec.images.shape == (1, 1, SIZE, SIZE) and torch.isfinite(rec.images).all()

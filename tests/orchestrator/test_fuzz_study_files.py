@@ -273,7 +273,10 @@ def _attack_entry(name: str) -> dict[str, Any]:
 def _place(raw: dict[str, Any], leaf: Leaf, value: Any) -> None:
     if leaf.path[0] == "attack":  # params of a chosen attack
         entry = _attack_entry(str(leaf.path[1]))
-        entry["params"][leaf.path[2]] = value
+        node = entry["params"]
+        for part in leaf.path[2:-1]:  # a nested parameter model (e.g. learned.examples)
+            node = node.setdefault(part, {})
+        node[leaf.path[-1]] = value
         raw["attacks"] = [entry]
     elif leaf.path[0] == "defenses":
         raw["defenses"][leaf.path[1]] = {leaf.path[2]: value}

@@ -167,9 +167,9 @@ def test_batched_victims_give_the_same_trial_as_separate_runs(tiny_study, monkey
     original_run, original_score = InvertingGradients.run, trial_module.score
     scored: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
-    def counted(self, obs, capabilities=None):
+    def counted(self, obs, capabilities=None, resources=None):
         separate_runs.append(obs.client)
-        return original_run(self, obs, capabilities)
+        return original_run(self, obs, capabilities, resources)
 
     def recorded(rec, truth, **kwargs):
         scored.append((rec.images, truth.images, truth.labels))

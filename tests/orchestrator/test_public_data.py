@@ -1,0 +1,80 @@
+"""Public data in a study file: validation that names the field, and a trial whose learned
+attacks train on the held-out share of the train split with the trial's defense."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+
+from orchestrator.config import StudyConfig, StudyFileError, load_study, parse_study
+from orchestrator.trial import run_trial
+
+LEARNED = {"examples": 60, "epochs": 2, "hidden": 32, "depth": 1, "sketch": 64}
+
+
+def _with_attack(raw: dict[str, Any], attack: dict[str, Any], **federation: Any) -> dict[str, Any]:
+    out = copy.deepcopy(raw)
+    out["attacks"] = [attack]
+    out["federation"].update(federation)
+    return out
+
+
+def _error(raw: dict[str, Any]) -> str:
+    with pytest.raises(StudyFileError) as info:
+        parse_study(raw)
+    return str(info.value)
+
+
+def test_a_learned_attack_without_public_data_names_the_grant(valid_raw) -> None:
+    message = _error(_with_attack(valid_raw, {"name": "learned_inversion"}))
+    assert "public_data" in message and "capabilities" in message
+
+
+def test_public_data_that_is_the_clients_is_refused_at_validation(valid_raw) -> None:
+    train = {"name": "feature_inversion", "capabilities": {"public_data": {"split": "train"}}}
+    assert "attacks.0.capabilities.public_data.split" in _error(_with_attack(valid_raw, train))
+    holdout = {"name": "feature_inversion", "capabilities": {"public_data": {"split": "holdout"}}}
+    assert "federation.partition.holdout" in _error(_with_attack(valid_raw, holdout))
+    unknown = {
+        "name": "feature_inversion",
+        "capabilities": {"public_data": {"dataset": "no-such-set"}},
+    }
+    assert "no-such-set" in _error(_with_attack(valid_raw, unknown))
+    granted = {"name": "feature_inversion", "capabilities": {"public_data": {"split": "holdout"}}}
+    partition = {**valid_raw["federation"]["partition"], "holdout": 0.5}
+    cfg = parse_study(_with_attack(valid_raw, granted, partition=partition))
+    assert isinstance(cfg, StudyConfig)
+
+
+def test_a_trial_trains_learned_attacks_on_the_holdout(tiny_study) -> None:
+    public = {"split": "holdout", "count": 40}
+    path = tiny_study(
+        {
+            "federation.partition": {"scheme": "iid", "max_per_client": 16, "holdout": 0.5},
+            "attacks": [
+                {"name": "idlg", "params": {"iterations": 2}},
+                {
+                    "name": "feature_inversion",
+                    "params": LEARNED,
+                    "capabilities": {"public_data": public},
+                },
+                {
+                    "name": "learned_inversion",
+                    "label": "prior_only",
+                    "params": {**LEARNED, "ablation": "prior_only"},
+                    "capabilities": {"public_data": public},
+                },
+            ],
+            "tracking.log_images": "none",
+        }
+    )
+    cfg = load_study(path)
+    out = run_trial(cfg, "gradient_noise", {"scale": 0.01})
+    m = out.metrics
+    assert m["feature_inversion_public_images"] == 40 and m["prior_only_public_images"] == 40
+    assert m["idlg_public_images"] is None
+    assert m["feature_inversion_prior_gain_max"] is not None
+    assert m["prior_only_prior_gain_max"] is not None
+    assert m["feature_inversion_seconds"] > 0
