@@ -136,8 +136,11 @@ def load_public_data(
 
     Args:
         spec: where the attacker's images come from and how many.
-        dataset, root, image_size, download: the study's dataset and how it is loaded.
+        dataset: the study's dataset (a registered name).
+        root: the folder its files are in.
         seed: the study's seed (which images are drawn).
+        image_size: the study's image size (None: native).
+        download: whether a missing dataset may be downloaded.
         holdout: the train indices the partition keeps from every client (``split: holdout``).
         clients: every client's train indices; public train images among them are refused.
         channels: the model's input channels; another dataset must match them.

@@ -436,6 +436,13 @@ def _identified(rows: list[dict[str, Any]], key: str) -> str:
     return f"{sum(v == 1 for v in ranks)}/{len(ranks)}"
 
 
+def _training_note(rows: list[dict[str, Any]]) -> str:
+    """`` inverter trained in N s`` for rows of a learned attack (the first victim's seconds
+    hold the training; the table's seconds are the median), else nothing."""
+    trained = sum(float((r.get("extras") or {}).get("inverter_seconds", 0.0)) for r in rows)
+    return f" inverter trained in {trained:.0f} s" if trained > 0 else ""
+
+
 def print_row(group: Group, method: str, rows: list[dict[str, Any]], ig: float | None) -> float:
     """Print one table row averaged over the victims' records; return its mean PSNR."""
     psnr = statistics.fmean(r["psnr_mean"] for r in rows)
@@ -449,7 +456,8 @@ def print_row(group: Group, method: str, rows: list[dict[str, Any]], ig: float |
         f"| {_identified(rows, 'id_rank')} | {_identified(rows, 'id_rank_lpips')} "
         f"| {_fmt(_mean([r['label_accuracy'] for r in rows]), 2)} "
         f"| {statistics.median(r['seconds'] for r in rows):.1f} | {vs} |"
-        + (" diverged" if any(r.get("diverged") for r in rows) else ""),
+        + (" diverged" if any(r.get("diverged") for r in rows) else "")
+        + _training_note(rows),
         flush=True,
     )
     return psnr

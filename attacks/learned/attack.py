@@ -70,9 +70,10 @@ class LearnedInversion(_Learned):
 
 @register_attack("feature_inversion")
 class FeatureInversion(_Learned):
-    """A feature decoder (after Wu et al. 2023's learned inversion; the classifier input is
-    exact from the last layer at batch 1, Geiping et al. 2020 sec. 4, Phong et al. 2018).
+    """A decoder of the classifier input the last layer's update reveals (after Wu et al. 2023).
 
+    The classifier input is exact from the last layer at batch 1 (Geiping et al. 2020 sec. 4,
+    Phong et al. 2018).
     Per class row, ``dW_c / db_c`` of the last Linear layer's update is the classifier input of
     a single image and a mix of the batch's otherwise; a decoder trained on simulated clients'
     updates (public images, the defense applied) maps it back to the batch. Needs a final

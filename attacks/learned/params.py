@@ -28,12 +28,6 @@ class InverterParams(BaseModel):
     epochs: int = Field(40, ge=1, le=10_000, description="Training epochs over those examples.")
     hidden: int = Field(1024, ge=8, le=16_384, description="Width of the MLP's hidden layers.")
     depth: int = Field(2, ge=1, le=8, description="Hidden layers of the MLP.")
-    sketch: int = Field(
-        4096,
-        ge=16,
-        le=1_000_000,
-        description="Dimension of the CountSketch of the whole update (encoding 'sketch').",
-    )
     learning_rate: float = Field(1e-3, gt=0, le=1, description="Adam's learning rate.")
     minibatch: int = Field(64, ge=1, le=65_536, description="Training examples per Adam step.")
     augment: Literal["none", "flip"] = Field(
@@ -61,8 +55,13 @@ class InverterParams(BaseModel):
     )
 
 
+SKETCH_DESCRIPTION = "Dimension of the CountSketch of the whole update (encoding 'sketch')."
+
+
 class LearnedInversionParams(InverterParams, AttackParams):
     """``learned_inversion``: an MLP from a CountSketch of the update to the batch."""
+
+    sketch: int = Field(4096, ge=16, le=1_000_000, description=SKETCH_DESCRIPTION)
 
     iterations: int = Field(1, ge=1, description="Unused (the inverter is trained, not run).")
 
@@ -81,3 +80,4 @@ class LearnedStartParams(InverterParams):
         description="What the inverter reads: 'sketch' (learned_inversion) or "
         "'classifier_input' (feature_inversion; needs a last Linear layer with a bias).",
     )
+    sketch: int = Field(4096, ge=16, le=1_000_000, description=SKETCH_DESCRIPTION)

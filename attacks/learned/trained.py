@@ -30,6 +30,8 @@ from fl.simulation.observation import Observation
 
 FIT_EXAMPLES = 32
 """Simulated updates an encoder's scales are fitted on (the first ones)."""
+DEFAULT_SKETCH = 4096
+"""Sketch size for parameter models without a ``sketch`` field."""
 
 
 def observed_update(obs: Observation) -> dict[str, torch.Tensor]:
@@ -49,7 +51,7 @@ def build_encoder(
         real = ClassifierInputEncoder(obs.model, names)
     else:
         shapes = {n: tuple(obs.message[n].shape) for n in names}
-        real = SketchEncoder(shapes, params.sketch, seed)
+        real = SketchEncoder(shapes, int(getattr(params, "sketch", DEFAULT_SKETCH)), seed)
     if params.ablation == "prior_only":
         return NoiseEncoder(real.dim, torch.Generator().manual_seed(int(seed) + 1))
     return real

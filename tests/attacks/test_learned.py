@@ -35,7 +35,8 @@ from fl.simulation.simulator import observe_client_step
 SIZE = 16
 VICTIMS = 8
 #: A small, fast inverter: enough to learn 16 px X-rays' classifier inputs on two cores.
-FAST = {"examples": 1200, "epochs": 25, "hidden": 256, "depth": 1, "sketch": 512}
+FAST = {"examples": 1200, "epochs": 25, "hidden": 256, "depth": 1}
+SKETCHED = {**FAST, "sketch": 512}
 
 
 @pytest.fixture(scope="module")
@@ -77,14 +78,14 @@ def _gains(xrays: dict[str, Any], attack: Any, resources: AttackerResources) -> 
 def test_a_learned_attack_without_public_data_is_refused(xrays) -> None:
     obs, _ = _observe(xrays, 0)
     with pytest.raises(ThreatModelError, match="public_data"):
-        get_attack("learned_inversion", **FAST).run(obs)
+        get_attack("learned_inversion", **SKETCHED).run(obs)
     with pytest.raises(ThreatModelError, match="public_data"):
         get_attack("inverting_gradients", init="learned", iterations=2).run(obs)
 
 
 def test_the_prior_only_ablation_cannot_beat_the_mean_image(xrays) -> None:
     """Trained on noise instead of the update, the inverter can learn only the average."""
-    attack = get_attack("learned_inversion", ablation="prior_only", **FAST)
+    attack = get_attack("learned_inversion", ablation="prior_only", **SKETCHED)
     gains = _gains(xrays, attack, AttackerResources(public=xrays["public"]))
     assert np.mean(gains) < 0.5
     assert max(gains) < 1.5
@@ -163,7 +164,7 @@ class _Recording(Defense[_RecordingParams]):
 def test_training_a_defended_inverter_runs_the_defense_hooks(xrays, adaptive: bool) -> None:
     _Recording.calls = {}
     resources = AttackerResources(public=xrays["public"], defense=_Recording, defense_name="rec")
-    params = {**FAST, "examples": 40, "epochs": 1, "adaptive": adaptive}
+    params = {**SKETCHED, "examples": 40, "epochs": 1, "adaptive": adaptive}
     obs, _ = _observe(xrays, 0)
     get_attack("learned_inversion", **params).run(obs, resources=resources)
     expected = 40 if adaptive else 0
@@ -220,6 +221,29 @@ def test_the_adaptive_attack_simulates_every_built_in_defense(xrays, defense: st
         defense=lambda: get_defense(defense, **options),
         defense_name=defense,
     )
-    params = {**FAST, "examples": 16, "epochs": 1}
+    params = {**SKETCHED, "examples": 16, "epochs": 1}
     rec = get_attack("learned_inversion", **params).run(obs, resources=resources)
     assert rec.images.shape == (1, 1, SIZE, SIZE) and torch.isfinite(rec.images).all()
+
+
+def test_a_fedavg_update_is_simulated_with_the_granted_steps(xrays) -> None:
+    """Weights messages: the attacker runs the client's local SGD (lr and steps granted);
+    without the learning rate the attack says what it lacks."""
+    test, train = xrays["test"], xrays["train"]
+    obs, _ = observe_client_step(
+        xrays["model"],
+        test.float_images([0, 37]),
+        test.labels[[0, 37]].long(),
+        algorithm="fedavg",
+        lr=0.05,
+        local_steps=2,
+        batch_size=1,
+        mean=train.mean,
+        std=train.std,
+    )
+    resources = AttackerResources(public=xrays["public"])
+    attack = get_attack("feature_inversion", **{**FAST, "examples": 32, "epochs": 1})
+    rec = attack.run(obs, resources=resources)
+    assert rec.images.shape == (2, 1, SIZE, SIZE)
+    with pytest.raises(ThreatModelError, match="learning rate"):
+        attack.run(obs, AttackerCapabilities(knows_lr=False), resources)

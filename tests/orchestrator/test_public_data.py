@@ -11,7 +11,7 @@ import pytest
 from orchestrator.config import StudyConfig, StudyFileError, load_study, parse_study
 from orchestrator.trial import run_trial
 
-LEARNED = {"examples": 60, "epochs": 2, "hidden": 32, "depth": 1, "sketch": 64}
+LEARNED = {"examples": 60, "epochs": 2, "hidden": 32, "depth": 1}
 
 
 def _with_attack(raw: dict[str, Any], attack: dict[str, Any], **federation: Any) -> dict[str, Any]:
@@ -63,7 +63,7 @@ def test_a_trial_trains_learned_attacks_on_the_holdout(tiny_study) -> None:
                 {
                     "name": "learned_inversion",
                     "label": "prior_only",
-                    "params": {**LEARNED, "ablation": "prior_only"},
+                    "params": {**LEARNED, "sketch": 64, "ablation": "prior_only"},
                     "capabilities": {"public_data": public},
                 },
             ],
