@@ -30,6 +30,8 @@ def _error(raw: dict[str, Any]) -> str:
 def test_a_learned_attack_without_public_data_names_the_grant(valid_raw) -> None:
     message = _error(_with_attack(valid_raw, {"name": "learned_inversion"}))
     assert "public_data" in message and "capabilities" in message
+    start = {"name": "inverting_gradients", "params": {"init": "learned"}}
+    assert "public_data" in _error(_with_attack(valid_raw, start))
 
 
 def test_public_data_that_is_the_clients_is_refused_at_validation(valid_raw) -> None:
@@ -61,6 +63,12 @@ def test_a_trial_trains_learned_attacks_on_the_holdout(tiny_study) -> None:
                     "capabilities": {"public_data": public},
                 },
                 {
+                    "name": "inverting_gradients",
+                    "label": "ig_learned",
+                    "params": {"iterations": 2, "init": "learned", "learned": LEARNED},
+                    "capabilities": {"public_data": public},
+                },
+                {
                     "name": "learned_inversion",
                     "label": "prior_only",
                     "params": {**LEARNED, "sketch": 64, "ablation": "prior_only"},
@@ -78,3 +86,20 @@ def test_a_trial_trains_learned_attacks_on_the_holdout(tiny_study) -> None:
     assert m["feature_inversion_prior_gain_max"] is not None
     assert m["prior_only_prior_gain_max"] is not None
     assert m["feature_inversion_seconds"] > 0
+    assert m["ig_learned_public_images"] == 40 and m["ig_learned_psnr_max"] is not None
+
+
+def test_the_report_and_mlflow_name_each_attackers_public_data(valid_raw) -> None:
+    from orchestrator.report import _settings_section
+    from orchestrator.study import _flat_params
+
+    granted = {
+        "name": "feature_inversion",
+        "capabilities": {"public_data": {"split": "test", "count": 300}},
+    }
+    cfg = parse_study(_with_attack(valid_raw, granted))
+    expected = "300 images of pneumoniamnist's test split"
+    assert _flat_params(cfg)["attack.feature_inversion.public_data"] == expected
+    _, html, markdown = _settings_section(cfg)
+    assert f"public data: {expected}" in markdown, markdown
+    assert expected.replace("'", "&#x27;") in html, html
