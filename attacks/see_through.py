@@ -25,7 +25,7 @@ from attacks._machinery.optim import run_langevin_adam
 from attacks._machinery.setup import START_INIT_DESCRIPTION, InversionSetup, StartInit
 from attacks.base import Attack, AttackParams, Attempt, register_attack
 from attacks.labels.plans import LabelMode, labels_description, plan_labels
-from attacks.learned.params import LearnedStartParams
+from attacks.learned.params import LearnedPull, LearnedStart
 from attacks.learned.start import learned_start, pull_toward
 from attacks.priors import Prior, recording, with_priors
 from attacks.priors.bn_prior import bn_prior, mean_projection, revealed_statistics
@@ -79,16 +79,8 @@ class SeeThroughGradientsParams(AttackParams):
     group_every: int = Field(100, ge=1, description="Iterations between consensus refreshes.")
     labels: LabelMode = Field("auto", description=labels_description("infer"))
     init: StartInit = Field("randn", description=START_INIT_DESCRIPTION)
-    learned: LearnedStartParams = Field(
-        default_factory=LearnedStartParams,
-        description="The inverter behind init: learned (examples, epochs, encoding, ...).",
-    )
-    learned_pull: float = Field(
-        0.0,
-        ge=0,
-        description="Weight of a pull toward the learned start (mean squared distance, "
-        "normalised pixels; init: learned only; 0: none).",
-    )
+    learned: LearnedStart
+    learned_pull: LearnedPull = 0.0
     ignore_layers: list[str] = Field(
         default_factory=list, description="Parameter-name prefixes left out of the matching."
     )

@@ -12,7 +12,7 @@ from pydantic import Field, model_validator
 from attacks._machinery.setup import START_INIT_DESCRIPTION, StartInit
 from attacks.base import AttackParams
 from attacks.labels.plans import LabelMode, labels_description
-from attacks.learned.params import LearnedStartParams
+from attacks.learned.params import LearnedPull, LearnedStart
 
 log = logging.getLogger(__name__)
 
@@ -61,16 +61,8 @@ class InvertingGradientsParams(AttackParams):
     )
     labels: LabelMode = Field("auto", description=labels_description("infer"))
     init: StartInit = Field("randn", description=START_INIT_DESCRIPTION)
-    learned: LearnedStartParams = Field(
-        default_factory=LearnedStartParams,
-        description="The inverter behind init: learned (examples, epochs, encoding, ...).",
-    )
-    learned_pull: float = Field(
-        0.0,
-        ge=0,
-        description="Weight of a pull toward the learned start (mean squared distance, "
-        "normalised pixels; init: learned only; 0: none).",
-    )
+    learned: LearnedStart
+    learned_pull: LearnedPull = 0.0
     init_noise: float = Field(
         0.0,
         ge=0,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -81,3 +81,23 @@ class LearnedStartParams(InverterParams):
         "'classifier_input' (feature_inversion; needs a last Linear layer with a bias).",
     )
     sketch: int = Field(4096, ge=16, le=1_000_000, description=SKETCH_DESCRIPTION)
+
+
+LearnedStart = Annotated[
+    LearnedStartParams,
+    Field(
+        default_factory=LearnedStartParams,
+        description="The inverter behind init: learned (examples, epochs, encoding, ...).",
+    ),
+]
+"""The ``learned`` parameter of attacks with a learned start."""
+
+LearnedPull = Annotated[
+    float,
+    Field(
+        ge=0,
+        description="Weight of a pull toward the learned start (mean squared distance, "
+        "normalised pixels; init: learned only; 0: none).",
+    ),
+]
+"""The ``learned_pull`` parameter of attacks with a learned start."""
