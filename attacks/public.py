@@ -85,7 +85,8 @@ class AttackerResources:
         return self.defense() if self.defense is not None else ClientHooks()
 
 
-def _same_dataset(a: str, b: str) -> bool:
+def same_dataset(a: str, b: str) -> bool:
+    """Whether two registered dataset names (any spelling the registry accepts) are one."""
     return fl_data.info(a).name == fl_data.info(b).name
 
 
@@ -150,7 +151,7 @@ def load_public_data(
             images a client holds, or another dataset of a different channel count.
     """
     source = spec.dataset or dataset
-    same = _same_dataset(source, dataset)
+    same = same_dataset(source, dataset)
     if same and spec.split == "train":
         raise PublicDataError(
             "public_data.split: 'train' of the study's own dataset is the clients' data; use "

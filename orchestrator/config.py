@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from attacks import AttackerCapabilities, PublicDataSpec, attack_class, available_attacks
 from attacks.inverting_gradients import BATCH_VICTIMS_DESCRIPTION, BatchVictims
+from attacks.public import same_dataset
 from defenses import Defense, ParamSpec, available_defenses, defense_class
 from fl import data as fl_data
 from fl import models as fl_models
@@ -356,7 +357,7 @@ def _check_public(i: int, public: PublicDataSpec, dataset: str, holdout: float) 
     """Refuse public data that would be a client's: the study's own train split, or a holdout
     the partition does not keep (the trial checks the drawn images by index as well)."""
     where = f"attacks.{i}.capabilities.public_data"
-    same = public.dataset is None or fl_data.info(public.dataset).name == fl_data.info(dataset).name
+    same = public.dataset is None or same_dataset(public.dataset, dataset)
     if same and public.split == "train":
         raise ValueError(
             f"{where}.split: 'train' of the study's dataset is the clients' data; use 'test', "
