@@ -10,10 +10,11 @@ FedAvg weights with a known learning rate and step count), ``dlm`` and ``dlm_plu
 ``see_through_gradients`` (GradInversion: BatchNorm statistics from the returned buffers),
 ``analytic`` (closed form through a fully connected first layer; gradients or FedAvg updates of
 plain-SGD local steps); with public data (``capabilities.public_data``), ``learned_inversion``
-and ``feature_inversion`` (:mod:`attacks.learned`).
+and ``feature_inversion`` (:mod:`attacks.learned`) and ``gias`` (:mod:`attacks.generative`).
 """
 
 from attacks import analytic as _analytic  # noqa: F401  (registers analytic)
+from attacks import generative as _generative  # noqa: F401  (registers gias)
 from attacks import gradient as _gradient  # noqa: F401  (registers dlg, idlg)
 from attacks import inverting_gradients as _inverting  # noqa: F401  (registers inverting_gradients)
 from attacks import learned as _learned  # noqa: F401  (registers learned_inversion, feature_inversion)

@@ -28,14 +28,14 @@ method gets ``--iterations`` and, when given, ``--restarts`` (the ``*_avg`` meth
 returned buffers) and, with ``--labels known``, the labels.
 
 Attacks on public data (named only: ``learned``, ``feature`` and their ``*_prior`` ablations and
-``*_static`` non-adaptive variants, ``ig_learned``, ``ig_bn_feat_learned``): the attacker holds
-``--public`` training images (default 4,000; at most all but 400, which stay the reference:
-mean image and identification pool), disjoint from the test-split victims, and neither labels
-nor BatchNorm statistics reach the learned inverters. Each row trains one inverter at the
-group's weights, shared by its victims (its time is in the first victim's seconds); a line per
-group gives each learned attack's PSNR over its prior-only ablation. ``--defense NAME``
-(``--defense-param KEY=VALUE``) applies a defense to the victims' steps; the adaptive attacks
-simulate it on their public batches, the ``*_static`` ones do not.
+``*_static`` non-adaptive variants, ``ig_learned``, ``ig_bn_feat_learned``, ``gias``): the attacker
+holds ``--public`` training images (default 4,000; at most all but 400, which stay the reference:
+mean image and identification pool), disjoint from the test-split victims, and neither labels nor
+BatchNorm statistics reach the learned inverters. Each row trains one inverter at the group's
+weights, shared by its victims (its time is in the first victim's seconds); a line per group gives
+each learned attack's PSNR over its prior-only ablation. ``--defense NAME`` (``--defense-param
+KEY=VALUE``) applies a defense to the victims' steps; the adaptive attacks simulate it on their
+public batches, the ``*_static`` ones do not.
 
     python benchmarks/cnn_attacks.py [--datasets retinamnist pneumoniamnist photos]
         [--models convnet16 convnet32 resnet18] [--states untrained fedavg5] [--batches 1 4]
@@ -131,6 +131,9 @@ METHODS: dict[str, tuple[str, dict[str, object]]] = {
         "inverting_gradients",
         {**_IG_BN_FEAT, "init": "learned", "learned": _FEATURE_START},
     ),
+    # GIAS (Jeon et al. 2021) with a DCGAN trained on the public images: latent search from
+    # 2 random codes (--param gias.iterations=500: the paper's), then 1,000 fine-tuning steps
+    "gias": ("gias", {"latent_restarts": 2, "finetune_iterations": 1000}),
 }
 
 AVERAGED = tuple(m for m, (_, params) in METHODS.items() if params.get("restart_average"))

@@ -32,6 +32,7 @@ def test_a_learned_attack_without_public_data_names_the_grant(valid_raw) -> None
     assert "public_data" in message and "capabilities" in message
     start = {"name": "inverting_gradients", "params": {"init": "learned"}}
     assert "public_data" in _error(_with_attack(valid_raw, start))
+    assert "public_data" in _error(_with_attack(valid_raw, {"name": "gias"}))
 
 
 def test_public_data_that_is_the_clients_is_refused_at_validation(valid_raw) -> None:
@@ -74,6 +75,16 @@ def test_a_trial_trains_learned_attacks_on_the_holdout(tiny_study) -> None:
                     "params": {**LEARNED, "sketch": 64, "ablation": "prior_only"},
                     "capabilities": {"public_data": public},
                 },
+                {
+                    "name": "gias",
+                    "params": {
+                        "iterations": 2,
+                        "latent_restarts": 1,
+                        "finetune_iterations": 2,
+                        "generator": {"epochs": 1, "width": 8, "latent": 16},
+                    },
+                    "capabilities": {"public_data": public},
+                },
             ],
             "tracking.log_images": "none",
         }
@@ -87,6 +98,7 @@ def test_a_trial_trains_learned_attacks_on_the_holdout(tiny_study) -> None:
     assert m["prior_only_prior_gain_max"] is not None
     assert m["feature_inversion_seconds"] > 0
     assert m["ig_learned_public_images"] == 40 and m["ig_learned_psnr_max"] is not None
+    assert m["gias_public_images"] == 40 and m["gias_prior_gain_max"] is not None
 
 
 def test_the_report_and_mlflow_name_each_attackers_public_data(valid_raw) -> None:
