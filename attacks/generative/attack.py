@@ -75,11 +75,10 @@ class GIAS(Attack[GIASParams]):
         codes, latent_loss = search_latents(
             trained.generator, loss_of, setup.shape[0], p, generator, obs.device
         )
-        images, loss, diverged = finetune(trained.generator, codes, loss_of, p)
+        images, loss, diverged = finetune(trained.generator, codes, latent_loss, loss_of, p)
         extras = {
             "latent_loss": latent_loss,
             "generator_seconds": trained.seconds if fresh else 0.0,
-            "generator_epochs": float(p.generator.epochs),
         }
         steps = p.iterations * p.latent_restarts + p.finetune_iterations
         return Attempt(
@@ -145,21 +144,26 @@ def search_latents(
             torch.autograd.backward(loss)
             optimiser.step()
             step()
-        final = float(loss_of_nograd(loss_of, gen(z).detach()))
+        final = float(_loss_value(loss_of, gen(z).detach()))
         if best is None or (final == final and final < best[1]):
             best = (z.detach().clone(), final)
     assert best is not None  # latent_restarts >= 1
     return best
 
 
-def loss_of_nograd(loss_of: Loss, images: torch.Tensor) -> torch.Tensor:
-    """The loss at ``images`` (the matching needs autograd for the dummy gradient)."""
+def _loss_value(loss_of: Loss, images: torch.Tensor) -> torch.Tensor:
+    """The loss at ``images`` as a constant (computed with autograd on: the matching
+    differentiates the model for the dummy gradient)."""
     with torch.enable_grad():
         return loss_of(images).detach()
 
 
 def finetune(
-    gen: Generator, codes: torch.Tensor, loss_of: Loss, params: GIASParams
+    gen: Generator,
+    codes: torch.Tensor,
+    start_loss: float,
+    loss_of: Loss,
+    params: GIASParams,
 ) -> tuple[torch.Tensor, float, bool]:
     """Phase 2: one copy of ``gen`` per image, each fed its fixed code, fine-tuned together by
     Adam (BatchNorm in eval mode, so each image depends on its copy only), optionally pulled
@@ -177,7 +181,7 @@ def finetune(
     optimiser = torch.optim.Adam(weights, lr=params.finetune_lr)
     step = _scheduler(optimiser, params.finetune_iterations, params.decay)
     start = images().detach()
-    best, best_loss = start, float(loss_of_nograd(loss_of, start))
+    best, best_loss = start, start_loss  # the latent search's loss at these codes
     for _ in range(params.finetune_iterations):
         out = images()
         loss = loss_of(out)
@@ -193,7 +197,7 @@ def finetune(
         optimiser.step()
         step()
     final = images().detach()
-    final_loss = float(loss_of_nograd(loss_of, final))
+    final_loss = float(_loss_value(loss_of, final))
     if final_loss < best_loss:
         best, best_loss = final, final_loss
     return best, best_loss, False
